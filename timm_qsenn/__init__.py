@@ -1,0 +1,29 @@
+"""timm_qsenn: Q-SENN (Quantized Self-Explaining Neural Networks) heads for any timm backbone.
+
+Importing the package registers every ``*_qsenn`` model with timm::
+
+    import timm, timm_qsenn
+    model = timm.create_model("resnet50_qsenn", pretrained=True, num_classes=200)
+"""
+
+from .head import STAGES, QSENNHead
+from .losses import FeatureDiversityLoss, feature_diversity_loss
+from .qsenn import QSENN, QSENNOutput
+from .ternary import TernaryWeights, pack_ternary, quantize_ternary, ternary_bias, unpack_ternary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QSENN",
+    "QSENNOutput",
+    "QSENNHead",
+    "STAGES",
+    "FeatureDiversityLoss",
+    "feature_diversity_loss",
+    "TernaryWeights",
+    "quantize_ternary",
+    "ternary_bias",
+    "pack_ternary",
+    "unpack_ternary",
+    "__version__",
+]

@@ -1,0 +1,297 @@
+"""QSENNHead: channel selection, mean pooling, feature normalisation and a class layer that becomes ternary.
+
+The head moves through three stages instead of being swapped for another class:
+
+* ``dense``: reads every backbone channel, normalisation is the identity, the class layer trains;
+* ``selected``: reads ``n_f`` selected channels, normalised by learnable mean/std, class layer frozen
+  (a real-valued sparse layer, e.g. the SLDD-Model);
+* ``ternary``: as ``selected`` with a frozen class layer in {-a, 0, +a}.
+
+The stage, the selected channels and the normalisation are part of the state dict, so loading a checkpoint
+restores the head's structure (number of selected channels, stage, frozen layers) before its values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .ternary import PACKED_FORMAT_VERSION, unpack_ternary
+
+__all__ = ["QSENNHead", "STAGES", "unpack_packed_weights"]
+
+STAGES = ("dense", "selected", "ternary")
+_POOL_TYPES = ("avg", "")
+# Keys written by the compact export (see ``hub.py``): 2-bit codes, their shape and the one magnitude.
+PACKED_SUFFIXES = ("fc.weight_packed", "fc.weight_shape", "fc.weight_scale", "fc.weight_format_version")
+
+
+def _check_pool_type(pool_type: str) -> str:
+    if pool_type not in _POOL_TYPES:
+        raise ValueError(
+            f"Q-SENN heads pool by the spatial mean; global_pool must be 'avg' or '' (no pooling), got {pool_type!r}"
+        )
+    return pool_type
+
+
+def _create_fc(in_features: int, num_classes: int, device=None, dtype=None) -> nn.Module:
+    if num_classes <= 0:
+        return nn.Identity()
+    return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
+
+
+def unpack_packed_weights(state_dict: dict[str, Tensor], prefix: str = "head.") -> dict[str, Tensor]:
+    """Replace a packed ternary class layer (``<prefix>fc.weight_packed`` etc.) by a float ``fc.weight``.
+
+    Works in place and returns the dict. A state dict without packed keys is returned unchanged.
+    """
+    packed_key = prefix + "fc.weight_packed"
+    if packed_key not in state_dict:
+        return state_dict
+    missing = [prefix + s for s in PACKED_SUFFIXES if prefix + s not in state_dict]
+    if missing:
+        raise ValueError(f"packed ternary class layer is incomplete, missing {missing}")
+    version = int(state_dict.pop(prefix + "fc.weight_format_version").item())
+    if version != int(PACKED_FORMAT_VERSION):
+        raise ValueError(
+            f"packed ternary class layer uses format version {version}, this timm_qsenn reads version "
+            f"{PACKED_FORMAT_VERSION}; upgrade timm_qsenn to load it"
+        )
+    shape = state_dict.pop(prefix + "fc.weight_shape").tolist()
+    scale = state_dict.pop(prefix + "fc.weight_scale").to(torch.float32)
+    codes = unpack_ternary(state_dict.pop(packed_key), shape)
+    state_dict[prefix + "fc.weight"] = codes.to(torch.float32) * scale
+    return state_dict
+
+
+class QSENNHead(nn.Module):
+    """Q-SENN classifier head: select channels, mean-pool, dropout, normalise, class layer."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.pool_type = _check_pool_type(pool_type)
+        self.drop = nn.Dropout(drop_rate)
+        self.stage = "dense"
+        self.is_dense = True
+        self.register_buffer("selection", torch.arange(in_features, device=device))
+        self.register_buffer("stage_id", torch.zeros((), dtype=torch.int64, device=device))
+        self.mean = nn.Parameter(torch.zeros(in_features, **dd), requires_grad=False)
+        self.std = nn.Parameter(torch.ones(in_features, **dd), requires_grad=False)
+        self.fc = _create_fc(in_features, num_classes, **dd)
+
+    @property
+    def num_features(self) -> int:
+        """Number of features the class layer reads (all backbone channels while dense)."""
+        return self.selection.shape[0]
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """Rebuild the class layer for ``num_classes`` (0 removes it); the learned features are kept."""
+        if pool_type is not None:
+            self.pool_type = _check_pool_type(pool_type)
+        self.num_classes = num_classes
+        self.fc = _create_fc(self.num_features, num_classes, device=self.mean.device, dtype=self.mean.dtype)
+        self.fc.train(self.training)
+        if self.stage == "ternary":
+            self._set_stage("selected")
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def select_maps(self, x: Tensor) -> Tensor:
+        """B x C x H x W backbone maps -> B x n_f x H x W maps of the selected features."""
+        if self.is_dense:
+            return x
+        return x.index_select(1, self.selection)
+
+    def normalize(self, features: Tensor) -> Tensor:
+        """(f - mean) / std over the last dimension (pooled features) or per location (maps)."""
+        # The reference clamps the learned std at 1e-6 so a dead feature cannot divide by zero.
+        mean, std = self.mean, self.std.clamp(min=1e-6)
+        if features.ndim == 4:
+            mean, std = mean[:, None, None], std[:, None, None]
+        return (features - mean) / std
+
+    def classify(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooled B x n_f features -> logits (or the normalised features with ``pre_logits``)."""
+        x = self.normalize(self.drop(features))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        maps = self.select_maps(x)
+        if self.pool_type == "avg":
+            return self.classify(maps.mean(dim=(2, 3)), pre_logits)
+        # Without pooling the (linear) head runs per location: the maps average to the pooled logits.
+        x = self.normalize(self.drop(maps))
+        if pre_logits or self.num_classes <= 0:
+            return x
+        return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    # -- moving through the stages --------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def _set_stage(self, stage: str) -> None:
+        self.stage = stage
+        self.is_dense = stage == "dense"
+        if self.stage_id.device.type != "meta":
+            self.stage_id.fill_(STAGES.index(stage))
+
+    @torch.jit.ignore
+    def _resize(self, num_features: int) -> None:
+        dd = {"device": self.mean.device, "dtype": self.mean.dtype}
+        norm_trainable = self.mean.requires_grad
+        self.selection = torch.zeros(num_features, dtype=torch.int64, device=self.selection.device)
+        self.mean = nn.Parameter(torch.zeros(num_features, **dd), requires_grad=norm_trainable)
+        self.std = nn.Parameter(torch.ones(num_features, **dd), requires_grad=norm_trainable)
+        self.fc = _create_fc(num_features, self.num_classes, **dd)
+        self.fc.train(self.training)
+
+    @torch.jit.ignore
+    def select(self, channels: Tensor | list[int]) -> None:
+        """Read only the given backbone channels; the head moves to the ``selected`` stage.
+
+        Class-layer columns, mean and std of channels the head already read are carried over; new channels
+        start with zero weights, mean 0 and std 1. Mean and std become trainable.
+        """
+        channels = torch.as_tensor(channels, dtype=torch.int64).flatten().cpu()
+        if channels.numel() == 0:
+            raise ValueError("select() needs at least one channel")
+        if channels.unique().numel() != channels.numel():
+            raise ValueError("selected channels must be distinct")
+        if int(channels.min()) < 0 or int(channels.max()) >= self.in_features:
+            raise ValueError(
+                f"selected channels must lie in [0, {self.in_features}), the backbone's channels; "
+                f"got {int(channels.min())}..{int(channels.max())}"
+            )
+        lookup = torch.full((self.in_features,), -1, dtype=torch.int64)
+        lookup[self.selection.cpu()] = torch.arange(self.num_features)
+        old_pos = lookup[channels]
+        present = (old_pos >= 0).to(self.mean.device)
+        old_pos = old_pos.clamp(min=0).to(self.mean.device)
+        with torch.no_grad():
+            mean = torch.where(present, self.mean[old_pos], torch.zeros_like(self.mean[old_pos]))
+            std = torch.where(present, self.std[old_pos], torch.ones_like(self.std[old_pos]))
+            weight = None
+            if isinstance(self.fc, nn.Linear):
+                weight = self.fc.weight[:, old_pos] * present
+                bias = self.fc.bias.clone()
+            self._resize(channels.numel())
+            self.selection.copy_(channels.to(self.selection.device))
+            self.mean.copy_(mean)
+            self.std.copy_(std)
+            if weight is not None:
+                self.fc.weight.copy_(weight)
+                self.fc.bias.copy_(bias)
+        self.mean.requires_grad_(True)
+        self.std.requires_grad_(True)
+        self._set_stage("selected")
+
+    @torch.jit.ignore
+    def set_normalization(self, mean: Tensor, std: Tensor) -> None:
+        """Set the feature mean and (population) standard deviation used to normalise pooled features."""
+        for name, value in (("mean", mean), ("std", std)):
+            if tuple(value.shape) != (self.num_features,):
+                raise ValueError(f"{name} must have shape ({self.num_features},), got {tuple(value.shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} contains NaN or inf")
+        with torch.no_grad():
+            self.mean.copy_(mean)
+            self.std.copy_(std)
+
+    @torch.jit.ignore
+    def set_class_layer(self, weight: Tensor, bias: Tensor, ternary: bool = True) -> None:
+        """Install a fitted class layer over the selected features and freeze it.
+
+        With ``ternary`` the weights must take at most one magnitude, {-a, 0, +a}, and the head moves to the
+        ``ternary`` stage; otherwise it stays ``selected`` with a frozen real-valued layer.
+        """
+        if self.is_dense:
+            raise ValueError("select features with select() before installing a sparse class layer")
+        expected = (self.num_classes, self.num_features)
+        if tuple(weight.shape) != expected or tuple(bias.shape) != (self.num_classes,):
+            raise ValueError(
+                f"class layer must be {expected[0]} x {expected[1]} with a bias of {expected[0]}, got "
+                f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        if ternary and weight.abs()[weight != 0].unique().numel() > 1:
+            raise ValueError("a ternary class layer may hold only the values -a, 0 and +a")
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+        self.fc.requires_grad_(False)
+        self._set_stage("ternary" if ternary else "selected")
+
+    @torch.jit.ignore
+    def ternary_codes(self) -> tuple[Tensor, float]:
+        """The class layer as int8 codes in {-1, 0, +1} and its magnitude ``a`` (ternary stage only)."""
+        if self.stage != "ternary":
+            raise ValueError(f"the head is in the {self.stage!r} stage, not 'ternary'")
+        weight = self.fc.weight.detach()
+        nonzero = weight[weight != 0]
+        scale = float(nonzero.abs().max()) if nonzero.numel() else 0.0
+        return torch.sign(weight).to(torch.int8), scale
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Shape the head like the checkpoint (feature count, stage) before torch copies any value into it.
+        unpack_packed_weights(state_dict, prefix)
+        selection = state_dict.get(prefix + "selection")
+        stage_id = state_dict.get(prefix + "stage_id")
+        resized = selection is not None and selection.shape[0] != self.num_features
+        if resized:
+            self._resize(selection.shape[0])
+        if stage_id is not None:
+            stage_index = int(stage_id)
+            if not 0 <= stage_index < len(STAGES):
+                raise ValueError(f"checkpoint has unknown Q-SENN head stage id {stage_index}")
+            stage = STAGES[stage_index]
+            fitted_layer = prefix + "fc.weight" in state_dict
+            # A class layer dropped for a new num_classes is fresh, so it is no longer ternary.
+            if stage == "ternary" and not fitted_layer:
+                stage = "selected"
+                state_dict[prefix + "stage_id"] = torch.tensor(STAGES.index(stage))
+            if stage != self.stage or resized:
+                # Trainability follows the stage; a reload into the same stage keeps the user's choices.
+                self._set_stage(stage)
+                self.mean.requires_grad_(stage != "dense")
+                self.std.requires_grad_(stage != "dense")
+                self.fc.requires_grad_(stage == "dense" or not fitted_layer)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if selection is not None and selection.numel():
+            if selection.dtype.is_floating_point or int(selection.min()) < 0:
+                raise ValueError("checkpoint's selected channels must be non-negative integers")
+            if int(selection.max()) >= self.in_features:
+                raise ValueError(
+                    f"checkpoint selects channel {int(selection.max())} but the backbone has only "
+                    f"{self.in_features} channels; it was trained on a different backbone"
+                )
+
+    def extra_repr(self) -> str:
+        return (
+            f"stage={self.stage}, in_features={self.in_features}, num_features={self.num_features}, "
+            f"num_classes={self.num_classes}, pool_type={self.pool_type!r}"
+        )

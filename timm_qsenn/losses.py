@@ -1,0 +1,60 @@
+"""Feature diversity loss of Q-SENN: makes the heavily weighted features of a prediction peak at different places."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["feature_diversity_loss", "FeatureDiversityLoss", "DEFAULT_DIVERSITY_WEIGHT"]
+
+DEFAULT_DIVERSITY_WEIGHT = 0.196
+
+
+def feature_diversity_loss(
+    feature_maps: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    beta: float = DEFAULT_DIVERSITY_WEIGHT,
+) -> Tensor:
+    """Feature diversity loss L_div of Q-SENN (method notes 1.3).
+
+    Args:
+        feature_maps: B x F x H x W maps of the features the class layer reads.
+        logits: B x C class scores; the loss uses each image's *predicted* class, not its label.
+        weight: C x F class-layer weights. Gradients flow into it, as in the reference dense training.
+        beta: loss weight (0.196 in the paper).
+
+    For image b with predicted class c the loss sums, over positions p, the largest over features j of
+    ``|W_cj| / (||W_c|| + 1e-5) * r_bj * softmax_p(M_bj)``, where ``r_bj`` is the feature's spatial mean
+    relative to the image's largest feature mean. The result is ``-beta`` times the batch mean.
+    """
+    if feature_maps.ndim != 4:
+        raise ValueError(f"feature_maps must be B x F x H x W, got shape {tuple(feature_maps.shape)}")
+    batch, num_features = feature_maps.shape[:2]
+    if logits.shape[0] != batch or weight.shape != (logits.shape[1], num_features):
+        raise ValueError(
+            f"shapes do not fit: feature_maps {tuple(feature_maps.shape)}, logits {tuple(logits.shape)}, "
+            f"weight {tuple(weight.shape)} (expected {logits.shape[1]} x {num_features})"
+        )
+    # Softmax over many positions loses precision in half precision; the loss is cheap enough in float32.
+    maps = feature_maps.float().flatten(2)
+    rows = weight.float()[logits.argmax(dim=1)]
+    relevance = rows.abs() / (rows.norm(dim=1, keepdim=True) + 1e-5)
+    mean_act = maps.mean(dim=2)
+    relative = mean_act / mean_act.amax(dim=1, keepdim=True).clamp(min=1e-6)
+    spatial = maps.softmax(dim=2)
+    weighted = (relevance * relative).unsqueeze(2) * spatial
+    return -beta * weighted.amax(dim=1).sum(dim=1).mean()
+
+
+class FeatureDiversityLoss(nn.Module):
+    """Module form of :func:`feature_diversity_loss` with a fixed ``beta``."""
+
+    def __init__(self, beta: float = DEFAULT_DIVERSITY_WEIGHT):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, feature_maps: Tensor, logits: Tensor, weight: Tensor) -> Tensor:
+        return feature_diversity_loss(feature_maps, logits, weight, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"

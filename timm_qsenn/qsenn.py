@@ -1,0 +1,468 @@
+"""QSENN: any timm backbone plus a Q-SENN head, its timm entrypoints and default pretrained cfgs.
+
+The module name is unique on purpose: timm files registered models under the last component of the module
+name, so ``timm.list_models(module='qsenn')`` lists exactly the models registered here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, replace
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._pretrained import PretrainedCfg
+from torch import Tensor, nn
+
+from .head import QSENNHead, unpack_packed_weights
+
+__all__ = [
+    "QSENN",
+    "QSENNOutput",
+    "checkpoint_filter_fn",
+    "CURATED_BACKBONES",
+    "HUB_CONFIGS_ENV",
+]
+
+_logger = logging.getLogger(__name__)
+
+HUB_CONFIGS_ENV = "TIMM_QSENN_HUB_CONFIGS"
+
+# Backbones registered as ``<name>_qsenn``, with the backbone kwargs each needs to accept any input size.
+_TOKEN_GRID = {"dynamic_img_size": True}
+CURATED_BACKBONES: dict[str, dict[str, Any]] = {
+    "resnet18": {},
+    "resnet34": {},
+    "resnet50": {},
+    "resnet101": {},
+    "resnet152": {},
+    "densenet121": {},
+    "inception_v3": {},
+    "convnext_tiny": {},
+    "convnext_small": {},
+    "convnext_base": {},
+    "efficientnet_b0": {},
+    "efficientnet_b3": {},
+    "tf_efficientnet_lite0": {},
+    "vit_small_patch16_224": _TOKEN_GRID,
+    "vit_base_patch16_224": _TOKEN_GRID,
+    "deit_small_patch16_224": _TOKEN_GRID,
+    "vit_small_patch14_dinov2": _TOKEN_GRID,
+    "vit_base_patch14_dinov2": _TOKEN_GRID,
+    "eva02_small_patch14_224": _TOKEN_GRID,
+    "swin_tiny_patch4_window7_224": {"strict_img_size": False},
+}
+
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename")
+_DATA_KEYS = (
+    "input_size",
+    "test_input_size",
+    "min_input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "test_crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "pool_size",
+    "test_pool_size",
+)
+
+
+class QSENNOutput(NamedTuple):
+    """Everything a Q-SENN forward computes: the trainer, the loss, metrics and explanations read this."""
+
+    logits: Tensor  # B x num_classes
+    features: Tensor  # B x n_f pooled feature activations, before dropout and normalisation
+    feature_maps: Tensor  # B x n_f x H x W maps of the features the class layer reads
+
+
+class QSENN(nn.Module):
+    """A timm backbone whose classifier is a Q-SENN head (selected features, normalisation, ternary layer)."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.2,
+        img_size: int | tuple[int, int] | None = None,
+        drop_path_rate: float | None = None,
+        drop_block_rate: float | None = None,
+        bn_momentum: float | None = None,
+        bn_eps: float | None = None,
+        pretrained_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        feature_names: list[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """
+        Args:
+            backbone: timm model name (optionally with a pretrained tag) whose ``forward_features`` gives the maps.
+            num_classes: classes of the class layer; 0 removes it and ``forward`` returns features.
+            in_chans: input image channels.
+            global_pool: ``'avg'`` (Q-SENN's spatial mean) or ``''`` to return per-location outputs.
+            drop_rate: dropout on the pooled features (0.2 for the dense model, 0.1 in fine-tuning).
+            img_size: input size for backbones built for one size (ViT-like); passed to the backbone when set.
+            drop_path_rate, drop_block_rate, bn_momentum, bn_eps: passed to the backbone when set.
+            pretrained_backbone: load the backbone's own pretrained weights through timm.
+            backbone_kwargs: further keyword arguments for ``timm.create_model(backbone, ...)``.
+            feature_names: human names of the selected features, in selection order (see ``align.py``).
+            device, dtype: where and in which dtype to create parameters.
+        """
+        super().__init__()
+        self.backbone_name = backbone
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.grad_checkpointing = False
+
+        extra = {
+            k: v
+            for k, v in dict(
+                img_size=img_size,
+                drop_path_rate=drop_path_rate,
+                drop_block_rate=drop_block_rate,
+                bn_momentum=bn_momentum,
+                bn_eps=bn_eps,
+                device=device,
+                dtype=dtype,
+            ).items()
+            if v is not None
+        }
+        self.backbone = _create_backbone(
+            backbone, pretrained_backbone, in_chans=in_chans, **extra, **(backbone_kwargs or {})
+        )
+        self.num_features = self.backbone.num_features
+        # Token backbones: prefix tokens (class, register, distillation) are dropped before the grid.
+        self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.channels_last_output = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"
+        self.head = QSENNHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, device=device, dtype=dtype
+        )
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of ``forward_head(x, pre_logits=True)``: the number of features the class layer reads."""
+        return self.head.num_features
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's parameter groups under the ``backbone.`` prefix; the head falls in the last group."""
+        matcher = self.backbone.group_matcher(coarse=coarse)
+        if callable(matcher):  # a function of the parameter name (e.g. Inception-v3)
+            return partial(_prefixed_matcher_fn, matcher)
+        return {name: _prefix_matcher(value) for name, value in matcher.items()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        nwd = getattr(self.backbone, "no_weight_decay", None)
+        return {"backbone." + name for name in nwd()} if callable(nwd) else set()
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "head.fc" if name_only else self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Rebuild the class layer for ``num_classes``; the selected features and their statistics stay."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Backbone feature maps as B x C x H x W, for CNNs and token models alike."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected a B x {self.in_chans} x H x W image batch, got shape {list(x.shape)}; for images "
+                "with C channels create the model with in_chans=C"
+            )
+        return self._to_grid(self.backbone.forward_features(x), x.shape[2], x.shape[3])
+
+    def _to_grid(self, x: Tensor, height: int, width: int) -> Tensor:
+        if x.ndim == 4:
+            return x.permute(0, 3, 1, 2) if self.channels_last_output else x
+        if x.ndim == 3:
+            x = x[:, self.num_prefix_tokens :]
+            batch, count, channels = x.shape
+            rows = int(math.floor(math.sqrt(count * height / width) + 0.5))
+            cols = count // max(rows, 1)
+            if rows * cols != count:
+                raise ValueError(
+                    f"cannot arrange {count} tokens of backbone {self.backbone_name} in a grid for a "
+                    f"{height} x {width} input; set num_prefix_tokens on the backbone if it has prefix tokens"
+                )
+            return x.transpose(1, 2).reshape(batch, channels, rows, cols)
+        raise ValueError(
+            f"backbone {self.backbone_name} has no spatial features: forward_features returned shape "
+            f"{list(x.shape)}; Q-SENN needs B x C x H x W maps or B x N x C tokens, choose a CNN or ViT backbone"
+        )
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_qsenn(self, x: Tensor) -> QSENNOutput:
+        """Logits plus the pooled features and feature maps they were computed from (always pooled)."""
+        maps = self.head.select_maps(self.forward_features(x))
+        features = maps.mean(dim=(2, 3))
+        return QSENNOutput(self.head.classify(features), features, maps)
+
+
+def _create_backbone(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ValueError(f"unknown timm backbone {name!r}{hint}")
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def _prefix_pattern(pattern: str) -> str:
+    return r"^backbone\.(?:" + pattern.removeprefix("^") + ")"
+
+
+def _prefix_matcher(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value and _prefix_pattern(value)
+    return [(_prefix_pattern(p), ordinal) for p, ordinal in value]
+
+
+def _prefixed_matcher_fn(matcher: Any, name: str) -> Any:
+    if name.startswith("backbone."):
+        return matcher(name.removeprefix("backbone."))
+    return float("inf")  # the head, in the last group
+
+
+# -- pretrained weights ------------------------------------------------------------------------------------
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: QSENN) -> dict[str, Tensor]:
+    """Prepare a Q-SENN checkpoint for ``load_state_dict``: unpack the compact ternary layer, check the format."""
+    state_dict = dict(state_dict)
+    if not any(k.startswith("backbone.") for k in state_dict):
+        raise ValueError(
+            "checkpoint holds no Q-SENN weights (no 'backbone.' keys); for a plain timm backbone checkpoint "
+            f"use timm.create_model('{model.backbone_name}_qsenn', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file=...)) with a backbone tag, or load it into model.backbone"
+        )
+    return unpack_packed_weights(state_dict, "head.")
+
+
+def _backbone_cfg_to_variant(backbone_cfg: PretrainedCfg, backbone: str) -> PretrainedCfg:
+    """Derive a Q-SENN variant's cfg from its backbone's: data settings and weights; head names are ours."""
+    cfg = {k: getattr(backbone_cfg, k) for k in _SOURCE_KEYS + _DATA_KEYS}
+    first_conv = backbone_cfg.first_conv
+    if isinstance(first_conv, str):
+        first_conv = "backbone." + first_conv
+    elif first_conv:
+        first_conv = tuple("backbone." + c for c in first_conv)
+    return PretrainedCfg(
+        **cfg,
+        num_classes=backbone_cfg.num_classes,
+        first_conv=first_conv,
+        classifier="head.fc",
+        license=backbone_cfg.license,
+        origin_url=backbone_cfg.origin_url,
+        notes=(f"Backbone weights of timm's {backbone}; the Q-SENN head is freshly initialised.",),
+    )
+
+
+def _backbone_tags(backbone: str) -> dict[str, PretrainedCfg]:
+    """The backbone's pretrained tags, default first, each with its cfg."""
+    cfgs = timm.models.get_arch_pretrained_cfgs(backbone)
+    return {name.partition(".")[2]: cfg for name, cfg in cfgs.items()}
+
+
+def _hub_config_files() -> list[Path]:
+    """The shipped hub configs, then those in the folders listed in $TIMM_QSENN_HUB_CONFIGS (os.pathsep)."""
+    shipped = resources.files("timm_qsenn").joinpath("hub_configs")
+    files = sorted(Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".json"))
+    for folder in filter(None, os.environ.get(HUB_CONFIGS_ENV, "").split(os.pathsep)):
+        files.extend(sorted(Path(folder).glob("*.json")))
+    return files
+
+
+def _read_hub_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"hub config {path} is not readable JSON: {e}") from e
+    missing = [k for k in ("architecture", "tag", "hf_hub_id") if k not in config]
+    if missing:
+        raise ValueError(f"hub config {path} lacks {missing}")
+    return config
+
+
+def _load_hub_configs() -> dict[str, dict[str, Any]]:
+    configs = {}
+    for path in _hub_config_files():
+        config = _read_hub_config(path)
+        configs[f"{config['architecture']}.{config['tag']}"] = config
+    return configs
+
+
+_HUB_CONFIGS = _load_hub_configs()
+# Tags whose weights are the backbone's own (the head is fresh); every other tag carries a trained Q-SENN.
+_BACKBONE_WEIGHT_TAGS: set[str] = set()
+
+
+def _hub_variant_cfg(name: str, config: dict[str, Any]) -> PretrainedCfg:
+    arch = config["architecture"]
+    backbone = config.get("model_args", {}).get("backbone") or arch.removesuffix("_qsenn")
+    base = _backbone_cfg_to_variant(timm.get_pretrained_cfg(backbone), backbone)
+    fields = dict(config.get("pretrained_cfg", {}))
+    fields.update(hf_hub_id=config["hf_hub_id"], url=None, file=None, hf_hub_filename=None)
+    fields.setdefault("notes", (f"Q-SENN model {name} trained with timm_qsenn.",))
+    return replace(base, **fields)
+
+
+def _build_default_cfgs() -> dict[str, Any]:
+    cfgs: dict[str, PretrainedCfg] = {}
+    for backbone in CURATED_BACKBONES:
+        arch = f"{backbone}_qsenn"
+        any_size = CURATED_BACKBONES[backbone].get("dynamic_img_size") or (
+            CURATED_BACKBONES[backbone].get("strict_img_size") is False
+        )
+        for tag, cfg in _backbone_tags(backbone).items():
+            cfg = _backbone_cfg_to_variant(cfg, f"{backbone}.{tag}")
+            cfgs[f"{arch}.{tag}"] = replace(cfg, fixed_input_size=False) if any_size else cfg
+            _BACKBONE_WEIGHT_TAGS.add(f"{arch}.{tag}")
+    registered = {f"{b}_qsenn" for b in CURATED_BACKBONES} | {"qsenn"}
+    for name, config in _HUB_CONFIGS.items():
+        if name.partition(".")[0] in registered:
+            cfgs[name] = _hub_variant_cfg(name, config)
+        else:
+            _logger.warning("hub config %s names an architecture timm_qsenn does not register; skipped", name)
+    return generate_default_cfgs({k: asdict(v) for k, v in cfgs.items()})
+
+
+default_cfgs = _build_default_cfgs()
+
+
+def _file_holds_qsenn(path: str) -> bool:
+    """Whether a weights file already holds a Q-SENN model (keys under ``backbone.``) or only a backbone."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = list(timm.models.load_state_dict(path).keys())
+    return any(k.startswith("backbone.") for k in keys)
+
+
+def _uses_backbone_weights(cfg: PretrainedCfg, backbone_tag: bool) -> bool:
+    """Whether ``pretrained=True`` should load the backbone's own weights instead of a Q-SENN checkpoint."""
+    if cfg.source in ("hf-hub", "local-dir") or cfg.state_dict is not None:
+        return False
+    if cfg.file:
+        return not _file_holds_qsenn(cfg.file)
+    return backbone_tag
+
+
+def _resolve_variant_cfg(variant: str, pretrained_cfg: Any, kwargs: dict[str, Any]) -> tuple[PretrainedCfg, bool]:
+    """The variant's pretrained cfg, and whether its weights are the backbone's own (the head then is fresh).
+
+    A hub-config tag also fills the model kwargs it was trained with (``model_args``) where not given.
+    """
+    if isinstance(pretrained_cfg, PretrainedCfg):
+        return pretrained_cfg, False
+    if isinstance(pretrained_cfg, dict):
+        return PretrainedCfg(**pretrained_cfg), False
+    name = f"{variant}.{pretrained_cfg}" if pretrained_cfg else variant
+    hub_config = _HUB_CONFIGS.get(name)
+    for key, value in (hub_config or {}).get("model_args", {}).items():
+        kwargs.setdefault(key, value)
+    if variant == "qsenn" and hub_config is None:
+        backbone = kwargs.setdefault("backbone", "resnet50")
+        return _backbone_cfg_to_variant(_resolve_backbone_cfg(backbone), backbone), True
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg, f"{variant}.{cfg.tag}" in _BACKBONE_WEIGHT_TAGS
+
+
+def _create_qsenn(variant: str, pretrained: bool = False, **kwargs: Any) -> QSENN:
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    cache_dir = kwargs.pop("cache_dir", None)
+    cfg, backbone_tag = _resolve_variant_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs)
+    cfg = replace(cfg, architecture=variant, **overlay)
+
+    from_backbone = pretrained and _uses_backbone_weights(cfg, backbone_tag)
+    if from_backbone:
+        # The backbone's own entrypoint loads its weights: its checkpoint filters and input-conv adaption apply.
+        backbone = kwargs.get("backbone", "resnet50")
+        if variant != "qsenn" and cfg.tag and "." not in backbone:
+            backbone = f"{backbone}.{cfg.tag}"
+        backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
+        backbone_overlay = {k: v for k, v in overlay.items() if k in _SOURCE_KEYS}
+        if backbone_overlay:
+            backbone_kwargs["pretrained_cfg_overlay"] = backbone_overlay
+        if cache_dir is not None:
+            backbone_kwargs["cache_dir"] = cache_dir
+        kwargs.update(backbone=backbone, pretrained_backbone=True, backbone_kwargs=backbone_kwargs)
+
+    model = build_model_with_cfg(
+        QSENN,
+        variant,
+        pretrained and not from_backbone,
+        pretrained_cfg=cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        cache_dir=cache_dir,
+        **kwargs,
+    )
+    if model.pretrained_cfg.get("pool_size") is None:
+        # Token backbones have no pool size in their cfg: it is the feature grid at the default input size.
+        reduction = model.backbone.feature_info[-1]["reduction"]
+        height, width = model.pretrained_cfg["input_size"][1:]
+        model.pretrained_cfg["pool_size"] = (math.ceil(height / reduction), math.ceil(width / reduction))
+    return model
+
+
+def _resolve_backbone_cfg(backbone: str) -> PretrainedCfg:
+    arch = backbone.split(".", 1)[0]
+    if not timm.is_model(arch):
+        _create_backbone(backbone, False)  # raises the error with suggestions
+    return timm.get_pretrained_cfg(backbone) or PretrainedCfg(architecture=arch)
+
+
+def _make_entrypoint(backbone: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> QSENN:
+        kwargs["backbone_kwargs"] = {**CURATED_BACKBONES[backbone], **(kwargs.get("backbone_kwargs") or {})}
+        return _create_qsenn(entrypoint.__name__, pretrained, backbone=backbone, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = f"{backbone}_qsenn"
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"Q-SENN head on timm's ``{backbone}``."
+    return register_model(entrypoint)
+
+
+for _backbone in CURATED_BACKBONES:
+    globals()[f"{_backbone}_qsenn"] = _make_entrypoint(_backbone)
+
+
+@register_model
+def qsenn(pretrained: bool = False, **kwargs: Any) -> QSENN:
+    """Q-SENN head on any timm backbone: ``timm.create_model('qsenn', backbone='convnext_nano')``."""
+    return _create_qsenn("qsenn", pretrained, **kwargs)
