@@ -37,8 +37,276 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a trained Q-SENN model to the Hugging Face Hub",
+        description="Uploads RUN_DIR/model (or a folder written by save_pretrained) to REPO_ID: config.json, "
+        "model.safetensors with the packed ternary layer, and a model card. No pickle is uploaded, nothing on "
+        "the Hub is deleted, and a README.md written on the Hub is kept unless --overwrite-card.",
+    )
+    p.add_argument("run_dir", help="a training run folder holding model/, or a folder written by save_pretrained")
+    p.add_argument("repo_id", help="the Hub repository, ORG/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument(
+        "--folded",
+        action="store_true",
+        help="upload the plain-timm export (head folded into the backbone's classifier; no timm_qsenn needed)",
+    )
+    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md that a person wrote")
+    p.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the saved login)")
+    p.add_argument("--commit-message", default=None, help="message of the Hub commit")
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_to_hub
+
+    try:
+        url = push_to_hub(
+            args.run_dir,
+            args.repo_id,
+            private=args.private,
+            folded=args.folded,
+            token=args.token,
+            overwrite_card=args.overwrite_card,
+            commit_message=args.commit_message,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, HfHubHTTPError) as e:
+        raise SystemExit(f"qsenn push: {e}") from e
+    print(url)
+    return 0
+
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull",
+        help="download a model repository from the Hugging Face Hub into a folder",
+        description="Downloads REPO_ID (safetensors, JSON and cards only) into DIR and checks its files; load it "
+        "with timm_qsenn.hub.load_model(DIR) or timm.create_model('local-dir:DIR', pretrained=True).",
+    )
+    p.add_argument("repo_id", help="the Hub repository, ORG/NAME[@REVISION]")
+    p.add_argument("dir", help="the folder to download into (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="download into a folder that is not empty")
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import pull
+
+    try:
+        folder = pull(args.repo_id, args.dir, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, HfHubHTTPError) as e:
+        raise SystemExit(f"qsenn pull: {e}") from e
+    print(folder)
+    return 0
+
+
+# -- explanations and metrics: shared model and data loading ------------------------------------------------
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        help="a model folder (save_pretrained output or a run folder holding model/), hf-hub:ORG/NAME, or a "
+        "Q-SENN model name (with --checkpoint)",
+    )
+    p.add_argument("--checkpoint", default=None, help="a weights file to load into the model named MODEL")
+    p.add_argument("--backbone", default=None, help="backbone of the generic 'qsenn' model (with --checkpoint)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _load_cli_model(args: argparse.Namespace, command: str):
+    import torch
+
+    import timm_qsenn  # noqa: F401  (registers the models)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.checkpoint is None:
+            from .hub import load_model
+
+            model = load_model(args.model)
+        else:
+            model = _model_from_checkpoint(args.model, args.checkpoint, args.backbone)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"qsenn {command}: {e}") from e
+    return model.to(device).eval()
+
+
+def _model_from_checkpoint(name: str, checkpoint: str, backbone: str | None):
+    import timm
+
+    from .qsenn import checkpoint_filter_fn
+
+    state_dict = timm.models.load_state_dict(checkpoint)
+    if "head.fc.weight_shape" in state_dict:
+        num_classes = int(state_dict["head.fc.weight_shape"][0])
+    elif "head.fc.bias" in state_dict:
+        num_classes = int(state_dict["head.fc.bias"].shape[0])
+    else:
+        raise ValueError(f"{checkpoint} holds no Q-SENN class layer (head.fc.*); is it a Q-SENN checkpoint?")
+    kwargs = {"backbone": backbone} if backbone else {}
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    return model
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, train: bool) -> None:
+    p.add_argument("--data", required=True, help="an image folder dataset: DATA/<split>/<class>/<image>")
+    p.add_argument("--split", default="validation", help="the evaluation split folder (timm's synonyms apply)")
+    if train:
+        p.add_argument(
+            "--train-split",
+            default="train",
+            help="the split for the feature statistics, read with the test transform; '' to use --split",
+        )
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+
+
+def _image_folder_loader(model, root: str, split: str, batch_size: int, workers: int):
+    """An unshuffled loader over one split of an image folder, with the model's eval transform."""
+    # The named datasets of train/data.py (CUB, Cars, ...) will plug in here; --data covers any ImageFolder.
+    import torch
+    from timm.data import create_dataset, create_transform, resolve_model_data_config
+
+    if not Path(root).is_dir():
+        raise SystemExit(f"--data {root} is not a folder; pass an image folder with one sub-folder per class")
+    dataset = create_dataset("", root=root, split=split)
+    dataset.transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    classes = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if classes and cfg is not None and not cfg.get("label_names") and len(classes) == model.num_classes:
+        cfg["label_names"] = sorted(classes, key=classes.get)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy, sparsity and interpretability metrics of a Q-SENN model",
+        description="Runs every metric (accuracy, features used, weights per class, diversity@k, SID@k, "
+        "dependence, class-independence, contrastiveness, correlation, and with --cub-root alignment and "
+        "structural grounding), prints a table and writes JSON with --out.",
+    )
+    _add_model_arguments(p)
+    _add_data_arguments(p, train=True)
+    p.add_argument("--k", type=int, default=5, help="features per class for diversity@k and SID@k")
+    p.add_argument("--cub-root", default=None, help="CUB_200_2011 folder: attribute alignment and grounding")
+    p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .metrics import evaluate, read_cub_attributes, read_cub_class_attributes
+
+    model = _load_cli_model(args, "eval")
+    test = _image_folder_loader(model, args.data, args.split, args.batch_size, args.workers)
+    train = None
+    if args.train_split and (Path(args.data) / args.train_split).is_dir():
+        train = _image_folder_loader(model, args.data, args.train_split, args.batch_size, args.workers)
+    attributes = class_attributes = None
+    if args.cub_root:
+        feature_data = (train or test).dataset
+        paths = [path for path, _ in feature_data.reader.samples]
+        try:
+            attributes = read_cub_attributes(args.cub_root, split=None).subset(paths)
+            class_attributes = read_cub_class_attributes(args.cub_root)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"qsenn eval: {e}") from e
+    try:
+        metrics = evaluate(model, test, train, attributes, class_attributes, k=args.k, progress=True)
+    except ValueError as e:
+        raise SystemExit(f"qsenn eval: {e}") from e
+    print(metrics.to_table())
+    if args.out:
+        metrics.to_json(args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="explain the model's decision for images: figures and JSON",
+        description="For each IMAGE writes OUT/<name>.json (prediction, per-feature contributions, runner-up "
+        "and separating features) and OUT/<name>.png (image, top feature heatmaps, contribution bars; needs "
+        "matplotlib, the 'plot' extra).",
+    )
+    _add_model_arguments(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--top", type=int, default=4, help="feature heatmaps shown per image")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .explain import explain_image, plot_explanation
+
+    model = _load_cli_model(args, "explain")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in args.images:
+        try:
+            image = Image.open(file)
+        except OSError as e:
+            raise SystemExit(f"qsenn explain: cannot read image {file}: {e}") from e
+        explanation = explain_image(model, image, max_maps=args.top)
+        stem = out / Path(file).stem
+        explanation.to_json(stem.with_suffix(".json"))
+        try:
+            figure = plot_explanation(explanation, top=args.top)
+        except ImportError as e:
+            raise SystemExit(f"qsenn explain: {e} (the JSON explanations are written)") from e
+        figure.savefig(stem.with_suffix(".png"), dpi=120)
+        print(f"{file}: {explanation.predicted_name} ({100 * explanation.probability:.1f} %) -> {stem}.png")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a static HTML report of a model: metrics, class table, feature galleries",
+        description="Writes OUT/index.html with relative links to OUT/images/: the metrics (from --metrics, "
+        "a JSON written by `qsenn eval --out`), every class with its features and signs, and every feature "
+        "with the classes using it and its most activating images of the --split images.",
+    )
+    _add_model_arguments(p)
+    _add_data_arguments(p, train=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--metrics", default=None, help="metrics JSON written by `qsenn eval --out`")
+    p.add_argument("--top", type=int, default=5, help="images per feature gallery")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .explain import write_report
+    from .metrics import QSENNMetrics
+
+    model = _load_cli_model(args, "report")
+    loader = _image_folder_loader(model, args.data, args.split, args.batch_size, args.workers)
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = QSENNMetrics.from_dict(json.loads(Path(args.metrics).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"qsenn report: cannot read metrics {args.metrics}: {e}") from e
+    index = write_report(model, loader, args.out, metrics=metrics, top=args.top, progress=True)
+    print(f"report written to {index}")
+    return 0
+
+
 COMMANDS: list[tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = [
     (_add_run, _cmd_run),
+    (_add_push, _cmd_push),
+    (_add_pull, _cmd_pull),
+    (_add_eval, _cmd_eval),
+    (_add_explain, _cmd_explain),
+    (_add_report, _cmd_report),
 ]
 
 
