@@ -12,6 +12,18 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def make_ternary(model, channels, n_per_class=3, seed=0):
+    """Move a Q-SENN model to the ternary stage on ``channels`` with random (seeded) statistics and weights."""
+    from timm_qsenn.ternary import quantize_ternary, ternary_bias
+
+    g = torch.Generator().manual_seed(seed)
+    model.head.select(channels)
+    model.head.set_normalization(torch.rand(len(channels), generator=g), torch.rand(len(channels), generator=g) + 0.5)
+    t = quantize_ternary(torch.randn(model.num_classes, len(channels), generator=g), n_per_class)
+    model.head.set_class_layer(t.weight, ternary_bias(t.codes, torch.randn(model.num_classes, generator=g)))
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -21,20 +21,17 @@ from timm_qsenn.explain import (
     write_report,
 )
 from timm_qsenn.metrics import evaluate
-from timm_qsenn.ternary import quantize_ternary, ternary_bias
+
+from .conftest import make_ternary
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLASS_NAMES = ["albatross", "bunting", "cormorant", "dove", "egret"]
 
 
 def _ternary(model, channels, n_per_class=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model.head.select(channels)
-    model.head.set_normalization(torch.rand(len(channels), generator=g), torch.rand(len(channels), generator=g) + 0.5)
-    t = quantize_ternary(torch.randn(model.num_classes, len(channels), generator=g), n_per_class)
-    model.head.set_class_layer(t.weight, ternary_bias(t.codes, torch.randn(model.num_classes, generator=g)))
+    model = make_ternary(model, channels, n_per_class, seed)
     model.pretrained_cfg["label_names"] = list(CLASS_NAMES)
-    return model.eval()
+    return model
 
 
 @pytest.fixture

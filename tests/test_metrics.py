@@ -38,6 +38,8 @@ from timm_qsenn.metrics import (
 from timm_qsenn.qsenn import QSENNOutput
 from timm_qsenn.ternary import quantize_ternary, ternary_bias
 
+from .conftest import make_ternary
+
 
 def _peaks(positions, num_positions=16, height=100.0):
     """One map per position: ``height`` at that position, 0 elsewhere (1 x F x 4 x 4)."""
@@ -45,15 +47,6 @@ def _peaks(positions, num_positions=16, height=100.0):
     for j, p in enumerate(positions):
         maps[0, j, p] = height
     return maps.view(1, len(positions), 4, 4)
-
-
-def _ternary(model, channels, n_per_class=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model.head.select(channels)
-    model.head.set_normalization(torch.rand(len(channels), generator=g), torch.rand(len(channels), generator=g) + 0.5)
-    t = quantize_ternary(torch.randn(model.num_classes, len(channels), generator=g), n_per_class)
-    model.head.set_class_layer(t.weight, ternary_bias(t.codes, torch.randn(model.num_classes, generator=g)))
-    return model.eval()
 
 
 # -- accuracy and sparsity -----------------------------------------------------------------------------------
@@ -261,7 +254,7 @@ def test_cub_readers(tmp_path):
 
 
 def test_evaluate_matches_the_tensor_functions(tiny_cnn, tmp_path):
-    model = _ternary(tiny_cnn, list(range(0, 48, 3)))
+    model = make_ternary(tiny_cnn, list(range(0, 48, 3)))
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(13, 3, 64, 64, generator=g), torch.randint(0, 5, (13,), generator=g)
     train_images, train_labels = torch.randn(11, 3, 64, 64, generator=g), torch.randint(0, 5, (11,), generator=g)
@@ -302,7 +295,7 @@ def test_evaluate_matches_the_tensor_functions(tiny_cnn, tmp_path):
 
 
 def test_evaluate_covers_the_whole_test_set_and_checks_attribute_rows(tiny_vit, monkeypatch):
-    model = _ternary(tiny_vit, list(range(0, 64, 4)), n_per_class=1)
+    model = make_ternary(tiny_vit, list(range(0, 64, 4)), n_per_class=1)
     images, labels = torch.randn(10, 3, 32, 32), torch.randint(0, 5, (10,))
     test_loader = DataLoader(TensorDataset(images, labels), batch_size=3)
     short_train = DataLoader(TensorDataset(images[:2], labels[:2]), batch_size=3)
@@ -408,7 +401,7 @@ def test_evaluate_under_accelerate_gathers_like_a_plain_run(tiny_cnn):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    model = _ternary(tiny_cnn, list(range(0, 40, 2)))
+    model = make_ternary(tiny_cnn, list(range(0, 40, 2)))
     images, labels = torch.randn(7, 3, 32, 32), torch.randint(0, 5, (7,))
     plain = evaluate(model, DataLoader(TensorDataset(images, labels), batch_size=3), k=2)
     try:
