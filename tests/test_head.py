@@ -127,6 +127,8 @@ def test_set_class_layer_validates():
         head.ternary_codes()
     with pytest.raises(ValueError, match="shape \\(2,\\)"):
         head.set_normalization(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="select\\(\\) before"):
+        QSENNHead(8, 3).set_normalization(torch.zeros(8), torch.ones(8))
 
 
 def test_reset_keeps_features_and_leaves_ternary_stage():

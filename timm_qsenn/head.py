@@ -117,6 +117,10 @@ class QSENNHead(nn.Module):
 
     def normalize(self, features: Tensor) -> Tensor:
         """(f - mean) / std over the last dimension (pooled features) or per location (maps)."""
+        if self.is_dense:
+            # Mean 0 and std 1, frozen until select(): skipping the identity saves a dense training step two
+            # elementwise ops and their backward.
+            return features
         # The reference clamps the learned std at 1e-6 so a dead feature cannot divide by zero.
         mean, std = self.mean, self.std.clamp(min=1e-6)
         if features.ndim == 4:
@@ -200,6 +204,8 @@ class QSENNHead(nn.Module):
     @torch.jit.ignore
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
         """Set the feature mean and (population) standard deviation used to normalise pooled features."""
+        if self.is_dense:
+            raise ValueError("select features with select() before setting their normalisation")
         for name, value in (("mean", mean), ("std", std)):
             if tuple(value.shape) != (self.num_features,):
                 raise ValueError(f"{name} must have shape ({self.num_features},), got {tuple(value.shape)}")
