@@ -1,0 +1,170 @@
+import logging
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from timm_qsenn.sparse import clear_feature_cache, dataset_fingerprint, extract_features
+
+
+class Scale:
+    """A transform whose repr names its setting, as torchvision's do."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, x):
+        return x * self.factor
+
+    def __repr__(self):
+        return f"Scale(factor={self.factor})"
+
+
+class TinyImages(Dataset):
+    """Twelve random 32 px images in three classes, with a content fingerprint."""
+
+    def __init__(self, tag="v1", transform=None, n=12):
+        self.tag = tag
+        self.transform = transform
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 32, 32, generator=gen)
+        self.labels = torch.arange(n) % 3
+
+    def fingerprint(self):
+        return f"tiny-{self.tag}-{len(self)}"
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def loader_of(dataset, batch_size=5):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def count_forwards(model):
+    calls = {"n": 0}
+    original = model.forward_qsenn
+
+    def counted(x):
+        calls["n"] += 1
+        return original(x)
+
+    model.forward_qsenn = counted
+    return calls
+
+
+def test_features_match_an_eval_forward_and_the_mode_is_restored(tiny_cnn):
+    dataset = TinyImages(transform=Scale(1.0))
+    tiny_cnn.train()
+    result = extract_features(tiny_cnn, loader_of(dataset))
+    assert tiny_cnn.training and tiny_cnn.backbone.training
+    tiny_cnn.eval()
+    with torch.no_grad():
+        expected = tiny_cnn.forward_qsenn(dataset.images).features
+    assert result.features.shape == (12, 96) and result.features.dtype == torch.float32
+    assert torch.allclose(result.features, expected, atol=1e-5)
+    assert result.labels.tolist() == dataset.labels.tolist() and result.labels.dtype == torch.int64
+    assert torch.allclose(result.mean, expected.mean(dim=0), atol=1e-5)
+    assert torch.allclose(result.std, expected.std(dim=0, unbiased=False), atol=1e-5)
+    assert len(result.key) == 64
+
+
+def test_cache_hits_and_misses_on_model_dataset_transform_and_selection(tiny_cnn, tmp_path):
+    calls = count_forwards(tiny_cnn)
+    first = extract_features(tiny_cnn, loader_of(TinyImages(transform=Scale(1.0))), cache_dir=tmp_path)
+    assert calls["n"] == 3 and len(list(tmp_path.iterdir())) == 1
+
+    hit = extract_features(tiny_cnn, loader_of(TinyImages(transform=Scale(1.0))), cache_dir=tmp_path)
+    assert calls["n"] == 3  # no forward pass: served from the cache
+    assert hit.key == first.key and torch.equal(hit.features, first.features) and torch.equal(hit.std, first.std)
+
+    extract_features(tiny_cnn, loader_of(TinyImages(transform=Scale(2.0))), cache_dir=tmp_path)
+    assert calls["n"] == 6  # transform changed
+    extract_features(tiny_cnn, loader_of(TinyImages(tag="v2", transform=Scale(1.0))), cache_dir=tmp_path)
+    assert calls["n"] == 9  # dataset changed
+    with torch.no_grad():
+        next(tiny_cnn.backbone.parameters()).mul_(1.5)
+    extract_features(tiny_cnn, loader_of(TinyImages(transform=Scale(1.0))), cache_dir=tmp_path)
+    assert calls["n"] == 12  # model changed
+    tiny_cnn.head.select([0, 5, 9])
+    selected = extract_features(tiny_cnn, loader_of(TinyImages(transform=Scale(1.0))), cache_dir=tmp_path)
+    assert calls["n"] == 15 and selected.features.shape == (12, 3)  # selection changed
+    assert clear_feature_cache(tmp_path) == 5 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_cache_file_is_detected_and_recomputed(tiny_cnn, tmp_path, caplog, damage):
+    dataset = TinyImages(transform=Scale(1.0))
+    first = extract_features(tiny_cnn, loader_of(dataset), cache_dir=tmp_path)
+    (path,) = tmp_path.iterdir()
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-7] ^= 0xFF  # inside the tensor data, past the header
+    path.write_bytes(bytes(data))
+    calls = count_forwards(tiny_cnn)
+    with caplog.at_level(logging.WARNING, logger="timm_qsenn.sparse.features"):
+        again = extract_features(tiny_cnn, loader_of(dataset), cache_dir=tmp_path)
+    assert calls["n"] == 3 and "recomputing" in caplog.text
+    assert torch.equal(again.features, first.features)
+    calls["n"] = 0
+    extract_features(tiny_cnn, loader_of(dataset), cache_dir=tmp_path)
+    assert calls["n"] == 0  # the recomputed file was written back and now hits
+
+
+def test_non_finite_features_and_shuffled_loaders_are_errors(tiny_cnn, tmp_path):
+    dataset = TinyImages()
+    dataset.images[4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf features in 1 rows"):
+        extract_features(tiny_cnn, loader_of(dataset), cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="shuffle=False"):
+        extract_features(tiny_cnn, DataLoader(TinyImages(), batch_size=4, shuffle=True))
+    with pytest.raises(TypeError, match="forward_qsenn"):
+        extract_features(torch.nn.Linear(3, 3), loader_of(TinyImages()))
+
+
+def test_generic_fingerprint_sees_tensor_content_and_item_lists(caplog):
+    a = TensorDataset(torch.zeros(4, 2), torch.zeros(4))
+    b = TensorDataset(torch.ones(4, 2), torch.zeros(4))
+    assert dataset_fingerprint(a) != dataset_fingerprint(b)
+
+    class Files(Dataset):
+        def __init__(self, files):
+            self.samples = [(f, 0) for f in files]
+
+        def __len__(self):
+            return len(self.samples)
+
+    assert dataset_fingerprint(Files(["a.jpg", "b.jpg"])) != dataset_fingerprint(Files(["a.jpg", "c.jpg"]))
+
+    class Opaque(Dataset):
+        def __len__(self):
+            return 3
+
+    with caplog.at_level(logging.WARNING, logger="timm_qsenn.sparse.features"):
+        dataset_fingerprint(Opaque())
+    assert "fingerprint()" in caplog.text
+
+
+def test_accelerator_gathers_every_row_in_dataset_order(tiny_cnn, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    dataset = TinyImages(transform=Scale(1.0))
+    plain = extract_features(tiny_cnn, loader_of(dataset))
+    try:
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, loader = accelerator.prepare(tiny_cnn, loader_of(dataset))
+        result = extract_features(model, loader, accelerator=accelerator, cache_dir=tmp_path)
+        cached = extract_features(model, loader, accelerator=accelerator, cache_dir=tmp_path)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result.labels.tolist() == dataset.labels.tolist()
+    assert torch.allclose(result.features, plain.features, atol=1e-5)
+    assert cached.key == result.key and torch.equal(cached.features, result.features)

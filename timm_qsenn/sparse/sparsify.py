@@ -1,0 +1,172 @@
+"""The Q-SENN sparsification step in one call: select, fit the path, quantise, set the bias (sec. 1.5 to 1.7)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..ternary import quantize_ternary, ternary_bias
+from .select import normalize_features, selection_path, split_indices
+from .solver import _check_classes, _check_problem, elastic_net_path
+
+__all__ = ["SparseHead", "sparsify"]
+
+
+@dataclass
+class SparseHead:
+    """A fitted sparse class layer over selected features, ready for ``QSENNHead``.
+
+    Install it with ``head.select(sh.selection); head.set_normalization(sh.mean, sh.std);
+    head.set_class_layer(sh.weight, sh.bias, ternary=sh.ternary)``.
+    """
+
+    selection: Tensor  # n_f backbone channels (int64), the columns the layer reads, in this order
+    mean: Tensor  # n_f, float32, mean of the selected features over all rows
+    std: Tensor  # n_f, float32, population std over all rows, clamped at 1e-5 as in the fit
+    weight: Tensor  # C x n_f, float32: ternary {-a, 0, +a}, or the kept real weights with ternary=False
+    bias: Tensor  # C, float32
+    scale: float | None  # the ternary magnitude a; None with ternary=False
+    ternary: bool
+    dense_weight: Tensor  # C x n_f, the path solution before quantisation
+    dense_bias: Tensor  # C
+    selection_order: Tensor | None  # the selected channels in entry order, when selection ran
+    lambdas: Tensor  # path summary, one entry per lambda (strongest first)
+    nnz: Tensor
+    train_acc: Tensor
+    val_acc: Tensor
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of "select", "path", "quantize"
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Class scores of raw (unnormalised) features of the selected channels, as the head computes them."""
+        normalized = (features.to(self.mean.dtype) - self.mean) / self.std
+        return normalized @ self.weight.t() + self.bias
+
+
+def _keep_largest(weight: Tensor, n_per_class: float, exact_per_class: bool, binary: bool) -> Tensor:
+    """The real-valued weights that the ternary rule would keep (SLDD-style), zeros elsewhere."""
+    codes = quantize_ternary(weight, n_per_class, exact_per_class=exact_per_class, binary=binary).codes
+    return torch.where(codes != 0, weight, torch.zeros_like(weight)).to(torch.float32)
+
+
+def sparsify(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    n_features: int = 50,
+    n_per_class: float = 5,
+    selection: Tensor | list[int] | None = None,
+    select_alpha: float = 0.8,
+    alpha: float = 0.99,
+    n_lambdas: int = 100,
+    eps: float = 1e-3,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    exact_per_class: bool = False,
+    binary: bool = False,
+    ternary: bool = True,
+    tol: float = 1e-4,
+    max_iter: int = 20000,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> SparseHead:
+    """One Q-SENN sparsification step on pooled features (N x F) and their labels.
+
+    1. If ``selection`` is None the columns are backbone channels: select ``n_features`` of them with the
+       one-at-a-time group path (:func:`~timm_qsenn.sparse.selection_path`, ``select_alpha``). Otherwise the
+       columns already are the given channels (``len(selection) == features.shape[1]``) and nothing is
+       selected; ``n_features`` is then ignored.
+    2. Normalise the selected columns with their mean and population std over all rows (std clamped at 1e-5).
+    3. Fit the elastic-net path (``alpha``, ``n_lambdas``, ``eps``) on the training part of the seeded
+       ``val_fraction`` split and take its least-regularised solution, ``lambda = eps * lambda_max``.
+    4. Quantise to {-a, 0, +a} with a budget of ``n_per_class`` weights per class and set the bias by the
+       Q-SENN rule (:func:`~timm_qsenn.ternary.quantize_ternary`, :func:`~timm_qsenn.ternary.ternary_bias`).
+       With ``ternary=False`` the kept weights stay real and the bias is the path's (SLDD-style; the reference
+       SLDD model picks a denser path point instead of the last one).
+
+    ``features`` may live on any device; the fit runs there. The result is on the CPU.
+    """
+    features, labels, _ = _check_problem(features, labels, name="features")
+    num_columns = features.shape[1]
+    seconds: dict[str, float] = {}
+    order = None
+    if selection is None:
+        start = time.perf_counter()
+        chosen = selection_path(
+            features,
+            labels,
+            n_features,
+            alpha=select_alpha,
+            val_fraction=val_fraction,
+            seed=seed,
+            n_lambdas=n_lambdas,
+            eps=eps,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=dtype,
+            progress=progress,
+        )
+        selection, order = chosen.indices, chosen.order
+        seconds["select"] = time.perf_counter() - start
+        columns = features[:, selection.to(features.device)]
+    else:
+        selection = torch.as_tensor(selection, dtype=torch.int64).flatten().cpu()
+        if selection.numel() != num_columns:
+            raise ValueError(
+                f"selection names {selection.numel()} channels but features has {num_columns} columns; with a "
+                "selection, pass the features of exactly those channels (in that order)"
+            )
+        columns = features
+
+    start = time.perf_counter()
+    normalized, mean, std = normalize_features(columns.to(dtype))
+    train, val = split_indices(normalized.shape[0], val_fraction, seed)
+    train, val = train.to(features.device), val.to(features.device)
+    num_classes = int(labels.max()) + 1
+    _check_classes(labels[train], num_classes, name=f"the training split (val_fraction={val_fraction})")
+    path = elastic_net_path(
+        normalized[train],
+        labels[train],
+        alpha=alpha,
+        n_lambdas=n_lambdas,
+        eps=eps,
+        X_val=normalized[val] if val.numel() else None,
+        y_val=labels[val] if val.numel() else None,
+        num_classes=num_classes,
+        tol=tol,
+        max_iter=max_iter,
+        dtype=dtype,
+        progress=progress,
+    )
+    seconds["path"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    dense_weight, dense_bias = path.weights[-1].to(torch.float32), path.biases[-1].to(torch.float32)
+    if ternary:
+        quantized = quantize_ternary(dense_weight, n_per_class, exact_per_class=exact_per_class, binary=binary)
+        weight, scale = quantized.weight, quantized.scale
+        bias = ternary_bias(quantized.codes, dense_bias)
+    else:
+        weight, scale = _keep_largest(dense_weight, n_per_class, exact_per_class, binary), None
+        bias = dense_bias.clone()
+    seconds["quantize"] = time.perf_counter() - start
+
+    return SparseHead(
+        selection=selection.cpu(),
+        mean=mean.to(device="cpu", dtype=torch.float32),
+        std=std.to(device="cpu", dtype=torch.float32),
+        weight=weight,
+        bias=bias,
+        scale=scale,
+        ternary=ternary,
+        dense_weight=dense_weight,
+        dense_bias=dense_bias,
+        selection_order=order,
+        lambdas=path.lambdas,
+        nnz=path.nnz,
+        train_acc=path.train_acc,
+        val_acc=path.val_acc,
+        seconds=seconds,
+    )
