@@ -121,7 +121,19 @@ def test_two_processes_match_one(toy_folder, tmp_path):
     out, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out[-3000:]
     two = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_qsenn", "train"]
+        # torchrun, from this interpreter: a venv's bin folder need not be on PATH.
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "timm_qsenn",
+            "train",
+        ]
         + common
         + [f"run.output={tmp_path / 'two'}", "data.batch_size=4"],
         env=dict(ENV, ACCELERATE_USE_CPU="true"),
