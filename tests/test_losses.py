@@ -77,3 +77,21 @@ def test_half_precision_inputs_give_a_float32_loss():
 def test_shape_errors(maps, logits, weight):
     with pytest.raises(ValueError):
         feature_diversity_loss(maps, logits, weight)
+
+
+def test_weight_gradient_is_reproducible_with_threads():
+    """Many images predicting the same class must not make the gradient depend on thread scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        maps = torch.rand(512, 256, 4, 4, generator=g)
+        logits = torch.randn(512, 3, generator=g)
+        grads = []
+        for _ in range(5):
+            weight = torch.randn(3, 256, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            feature_diversity_loss(maps, logits, weight).backward()
+            grads.append(weight.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])
