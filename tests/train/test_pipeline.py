@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from timm_qsenn.hub import load_model
 from timm_qsenn.train import QSENNTrainer, RunExistsError, load_config
@@ -205,3 +205,28 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "unknown config key 'dense.epoch'; did you mean dense.epochs?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_from_pretrained_skips_the_dense_phase(finished_run, toy_folder, tmp_path):
+    """A trained backbone file starts at selection; a Q-SENN model folder also brings its features and head."""
+    reference, _ = finished_run
+    trained = load_model(str(reference / "model"))
+    backbone_file = tmp_path / "backbone.safetensors"
+    save_file(trained.backbone.state_dict(), str(backbone_file))
+    short = ["finetune.iterations=1", "finetune.epochs=[1]"]
+    for source, name in ((backbone_file, "from_backbone"), (reference / "model", "from_model")):
+        overrides = tiny_overrides(toy_folder, tmp_path / name) + short + [f"run.from_pretrained={source}"]
+        summary = QSENNTrainer(load_config(overrides=overrides)).run()
+        assert "dense" not in summary["seconds"] and summary["dense_accuracy"] is None
+        model = load_model(str(tmp_path / name))
+        assert model.head.stage == "ternary" and model.head.num_features == 8
+        assert summary["qsenn_accuracy"] >= 0.6, (name, summary)
+    # Started from a Q-SENN model, the run keeps its selected features.
+    assert torch.equal(model.head.selection, trained.head.selection)
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor a weights file"):
+        QSENNTrainer(
+            load_config(
+                overrides=tiny_overrides(toy_folder, tmp_path / "x")
+                + [f"run.from_pretrained={tmp_path / 'missing.safetensors'}"]
+            )
+        ).run()
