@@ -230,3 +230,15 @@ def test_from_pretrained_skips_the_dense_phase(finished_run, toy_folder, tmp_pat
                 + [f"run.from_pretrained={tmp_path / 'missing.safetensors'}"]
             )
         ).run()
+
+
+def test_a_dense_model_near_chance_is_warned_about(caplog):
+    from timm_qsenn.train.pipeline import _warn_if_near_chance
+
+    with caplog.at_level("WARNING", logger="timm_qsenn.train.pipeline"):
+        _warn_if_near_chance(0.12, 10)
+        assert "close to chance (10.0 %)" in caplog.text
+        caplog.clear()
+        _warn_if_near_chance(0.5, 10)
+        _warn_if_near_chance(None, 10)
+        assert not caplog.text

@@ -477,6 +477,7 @@ class QSENNTrainer:
                 self.state.results["dense_accuracy"] = (
                     evaluate_accuracy(acc, model, self.test_loader, "dense test") if trained else None
                 )
+                _warn_if_near_chance(self.state.results["dense_accuracy"], self.data.num_classes)
             if not inside:
                 self._sparsify(model, iteration)
             ft = cfg.finetune
@@ -544,6 +545,17 @@ def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
+
+
+def _warn_if_near_chance(accuracy: float | None, num_classes: int) -> None:
+    """Q-SENN selects and quantises the dense model's features: a dense model that learned little dooms it."""
+    if accuracy is not None and accuracy < 1.5 / num_classes:
+        _logger.warning(
+            "the dense model reaches %.1f %% test accuracy, close to chance (%.1f %%); the Q-SENN features come from "
+            "it, so expect a poor result: train it longer (dense.epochs, dense.lr) or check the data",
+            100 * accuracy,
+            100 / num_classes,
+        )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
