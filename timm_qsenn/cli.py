@@ -365,6 +365,11 @@ def _run_training(config, args: argparse.Namespace) -> int:
         summary = QSENNTrainer(config, overwrite=args.overwrite).run()
     except RunExistsError as e:
         raise SystemExit(f"qsenn: {e}") from None
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        # Missing data, a feature count the backbone lacks, a foreign checkpoint: the message says what to fix.
+        if os.environ.get("QSENN_DEBUG"):
+            raise
+        raise SystemExit(f"qsenn: {e}\n(set QSENN_DEBUG=1 to see where this was raised)") from None
     if os.environ.get("RANK", "0") == "0":
         print(format_summary(summary))
         print(f"model, summary and logs in {config.run.output}")

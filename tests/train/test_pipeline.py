@@ -207,6 +207,16 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_reports_a_missing_dataset_without_a_traceback(toy_folder, tmp_path):
+    args = tiny_overrides(toy_folder, tmp_path / "run") + ["data.root=/nonexistent/data"]
+    result = subprocess.run(
+        [sys.executable, "-m", "timm_qsenn", "train", *args], env=ENV, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "no train sub-folder in '/nonexistent/data'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_from_pretrained_skips_the_dense_phase(finished_run, toy_folder, tmp_path):
     """A trained backbone file starts at selection; a Q-SENN model folder also brings its features and head."""
     reference, _ = finished_run
