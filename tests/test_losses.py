@@ -95,3 +95,13 @@ def test_weight_gradient_is_reproducible_with_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+
+def test_autocast_keeps_the_weight_rows_in_float32():
+    g = torch.Generator().manual_seed(0)
+    maps, logits = torch.rand(4, 6, 3, 3, generator=g), torch.randn(4, 5, generator=g)
+    weight = torch.randn(5, 6, generator=g) * (1 + 1e-3 * torch.rand(5, 6, generator=g))
+    plain = feature_diversity_loss(maps, logits, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = feature_diversity_loss(maps, logits, weight)
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)

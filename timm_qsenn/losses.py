@@ -40,9 +40,11 @@ def feature_diversity_loss(
     # Softmax over many positions loses precision in half precision; the loss is cheap enough in float32.
     maps = feature_maps.float().flatten(2)
     # Rows of the predicted classes as a one-hot product: the backward of indexing accumulates repeated rows in
-    # a thread- (CPU) or atomic- (GPU) dependent order, which made training irreproducible.
+    # a thread- (CPU) or atomic- (GPU) dependent order, which made training irreproducible. Outside autocast,
+    # the product copies the float32 rows exactly.
     predicted = F.one_hot(logits.argmax(dim=1), weight.shape[0]).to(torch.float32)
-    rows = predicted @ weight.float()
+    with torch.autocast(logits.device.type, enabled=False):
+        rows = predicted @ weight.float()
     relevance = rows.abs() / (rows.norm(dim=1, keepdim=True) + 1e-5)
     mean_act = maps.mean(dim=2)
     relative = mean_act / mean_act.amax(dim=1, keepdim=True).clamp(min=1e-6)
