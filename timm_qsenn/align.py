@@ -28,9 +28,8 @@ comes from:
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .metrics import AttributeLabels, alignment_matrix
+from .metrics import AttributeLabels, _write_json, alignment_matrix
+from .sparse.features import pooled_features
 
 __all__ = [
     "ConceptMatch",
@@ -226,10 +226,7 @@ class FeatureNaming:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The naming as JSON text, also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return _write_json(self.to_dict(), path)
 
 
 def _numbered(names: list[str]) -> list[str]:
@@ -350,39 +347,6 @@ def apply_feature_names(
         raise ValueError("feature names must be non-empty strings")
     model.feature_names = result
     return result
-
-
-@torch.no_grad()
-def pooled_features(
-    model: torch.nn.Module, loader: Iterable, accelerator: Any | None = None, progress: bool = False
-) -> tuple[Tensor, Tensor]:
-    """N x F pooled raw feature activations and N labels over a loader of ``(images, labels)``, in loader order.
-
-    Holds only the pooled features (never the maps). Under Accelerate, batches are gathered across processes.
-    """
-    net = accelerator.unwrap_model(model) if accelerator is not None else model
-    device = accelerator.device if accelerator is not None else next(net.parameters()).device
-    batches = loader
-    if progress and (accelerator is None or accelerator.is_main_process):
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="features", leave=False)
-    was_training = net.training
-    net.eval()
-    features, labels = [], []
-    try:
-        for images, targets in batches:
-            pooled = net.forward_qsenn(images.to(device)).features
-            targets = targets.to(device)
-            if accelerator is not None:
-                pooled, targets = accelerator.gather_for_metrics((pooled, targets))
-            features.append(pooled.float().cpu())
-            labels.append(targets.cpu())
-    finally:
-        net.train(was_training)
-    if not features:
-        raise ValueError("the loader yielded no images")
-    return torch.cat(features), torch.cat(labels)
 
 
 def cub_attribute_phrase(name: str) -> str:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import _write_json
 from .qsenn import QSENN
 
 __all__ = [
@@ -126,13 +126,6 @@ def global_explanation(model: QSENN) -> GlobalExplanation:
             feature_classes[j].append(c)
         classes.append(ClassExplanation(c, name, uses))
     return GlobalExplanation(classes, feature_classes, feature_names)
-
-
-def _write_json(data: Any, path: str | Path | None) -> str:
-    text = json.dumps(data, indent=2)
-    if path is not None:
-        Path(path).write_text(text + "\n")
-    return text
 
 
 # -- local explanations --------------------------------------------------------------------------------------

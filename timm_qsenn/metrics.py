@@ -552,9 +552,18 @@ def _cub_attribute_names(root: Path, count: int) -> list[str]:
 
 
 def _read_table(path: Path) -> list[list[str]]:
+    """The whitespace-separated rows of one of a dataset's official text files (CUB, FGVC-Aircraft)."""
     if not path.is_file():
-        raise FileNotFoundError(f"CUB file {path} is missing; the official archive has it")
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}; the dataset's official files are incomplete")
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_json(data: Any, path: str | Path | None) -> str:
+    """``data`` as indented JSON text, also written to ``path`` when given."""
+    text = json.dumps(data, indent=2)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return text
 
 
 def read_cub_attributes(
@@ -639,10 +648,7 @@ class QSENNMetrics:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The metrics as JSON text, also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return _write_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QSENNMetrics:

@@ -23,7 +23,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset, TensorDataset
 
-__all__ = ["FeatureSet", "extract_features", "clear_feature_cache", "feature_cache_key", "dataset_fingerprint"]
+from .select import population_statistics
+
+__all__ = [
+    "FeatureSet",
+    "extract_features",
+    "pooled_features",
+    "clear_feature_cache",
+    "feature_cache_key",
+    "dataset_fingerprint",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -193,25 +202,25 @@ def clear_feature_cache(cache_dir: str | os.PathLike) -> int:
 # -- extraction --------------------------------------------------------------------------------------------
 
 
-def _statistics(features: Tensor) -> tuple[Tensor, Tensor]:
-    f64 = features.to(torch.float64)
-    mean = f64.mean(dim=0)
-    std = (f64 - mean).square().mean(dim=0).sqrt()
-    return mean.to(torch.float32), std.to(torch.float32)
+def pooled_features(
+    model: nn.Module, loader: Iterable, accelerator: Any = None, progress: bool = False
+) -> tuple[Tensor, Tensor]:
+    """N x F pooled features (float32, CPU) and N labels over a loader of ``(images, labels)``, in loader order.
 
-
-def _run(model: nn.Module, loader: DataLoader, accelerator: Any, show_progress: bool) -> tuple[Tensor, Tensor]:
+    Runs in eval mode under ``no_grad`` and restores every module's mode; holds only the pooled features, never
+    the maps. With an ``accelerator`` the batches of a sharded loader are gathered, each row once.
+    """
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     if not hasattr(net, "forward_qsenn"):
         raise TypeError(
             f"model must be a timm_qsenn QSENN model with forward_qsenn(), got {type(net).__name__}; create it "
             "with timm.create_model('<backbone>_qsenn', ...)"
         )
-    device = None if accelerator is not None else next(net.parameters()).device
+    device = accelerator.device if accelerator is not None else next(net.parameters()).device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     main = accelerator is None or accelerator.is_main_process
     batches: Iterable = loader
-    if show_progress and main:
+    if progress and main:
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc="features", unit="batch")
@@ -224,8 +233,7 @@ def _run(model: nn.Module, loader: DataLoader, accelerator: Any, show_progress: 
                 if not isinstance(batch, (list, tuple)) or len(batch) < 2:
                     raise TypeError(f"the loader must yield (images, labels) batches, got {type(batch).__name__}")
                 images, target = batch[0], batch[1]
-                if device is not None:
-                    images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True)  # a no-op for a prepared loader's batches
                 with autocast():
                     pooled = net.forward_qsenn(images).features
                 pooled = pooled.float()
@@ -279,7 +287,7 @@ def extract_features(
     if cached is not None:
         return cached
 
-    features, labels = _run(model, loader, accelerator, show_progress)
+    features, labels = pooled_features(model, loader, accelerator, show_progress)
     finite = torch.isfinite(features)
     if not finite.all():
         rows = int((~finite).any(dim=1).sum())
@@ -288,7 +296,7 @@ def extract_features(
             f"the model produced NaN or inf features in {rows} rows (feature columns {cols[:10]}"
             f"{'...' if len(cols) > 10 else ''}); check the model's weights or run in float32 instead of fp16"
         )
-    mean, std = _statistics(features)
+    mean, std = (value.to(torch.float32) for value in population_statistics(features))
     result = FeatureSet(features=features, labels=labels, mean=mean, std=std, key=key)
     if path is not None:
         if accelerator is None or accelerator.is_main_process:

@@ -58,14 +58,21 @@ def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[Ten
     return torch.tensor(train.indices, dtype=torch.int64), torch.tensor(val.indices, dtype=torch.int64)
 
 
+def population_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-column mean and population (divide by N) standard deviation over all rows, in float64."""
+    f64 = features.to(torch.float64)
+    mean = f64.mean(dim=0)
+    return mean, (f64 - mean).square().mean(dim=0).sqrt()
+
+
 def normalize_features(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(features - mean) / max(std, 1e-5)`` with the mean and population std over all rows; returns all three.
 
     The returned std is the clamped one, the value the solver divided by.
     """
     f64 = features.to(torch.float64)
-    mean = f64.mean(dim=0)
-    std = (f64 - mean).square().mean(dim=0).sqrt().clamp_min(STD_FLOOR)
+    mean, std = population_statistics(f64)
+    std = std.clamp_min(STD_FLOOR)
     normalized = ((f64 - mean) / std).to(features.dtype)
     return normalized, mean.to(features.dtype), std.to(features.dtype)
 

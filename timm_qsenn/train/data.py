@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from ..metrics import _read_table
 from .config import DataConfig
 
 __all__ = [
@@ -180,12 +181,6 @@ def _find_root(root: str, marker: str, name: str, children: Sequence[str]) -> Pa
             return folder
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"dataset {name}: {marker} not found; looked in {looked}")
-
-
-def _read_table(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path.name} in {path.parent}; the dataset's official files are incomplete")
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
 def _cub_split(root: Path, split: str) -> tuple[dict[int, str], dict[int, int], list[int], list[str]]:

@@ -31,6 +31,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+from ..hub import _flatten
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
 from .data import DataBundle, build_datasets, eval_loader, train_loader
@@ -536,15 +537,9 @@ class QSENNTrainer:
         return summary
 
 
-def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _scalars(tree: dict[str, Any]) -> dict[str, Any]:
     """Flatten a config for trackers, which accept only scalars."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_scalars(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in _flatten(tree).items()}
 
 
 def _warn_if_near_chance(accuracy: float | None, num_classes: int) -> None:
