@@ -10,9 +10,10 @@ from timm_qsenn.sparse import elastic_net_path, kkt_violation, lambda_grid, lamb
 from .conftest import standardize, structured_problem
 
 # Stated tolerance: every returned point satisfies the KKT conditions to tol * alpha * lambda_max (tol = 1e-4 by
-# default, i.e. relative to the largest gradient of the all-zero model). An independent float64 check may differ
-# from the solver's own float32 check by rounding, hence the small slack.
-SLACK = 1.05
+# default, i.e. relative to the largest gradient of the all-zero model), raised to at least 4 times the rounding of
+# the solver's float32 gradient where that is larger. An independent float64 check differs from the solver's own
+# float32 check by that rounding, measured once per path (path.rounding); allow three times the sample.
+ROUNDING_SAMPLES = 3
 
 
 @pytest.mark.parametrize("group", [False, True])
@@ -27,7 +28,7 @@ def test_kkt_conditions_hold_at_every_lambda(problem, group, request):
     x64 = x.double()
     for k in range(len(path)):
         independent = kkt_violation(x64, y, path.weights[k], path.biases[k], float(path.lambdas[k]), alpha, group)
-        assert independent <= SLACK * path.tol, (k, independent, path.tol)
+        assert independent <= path.tol + ROUNDING_SAMPLES * path.rounding, (k, independent, path.tol)
     # All zero at lambda_max; the optimal objective decreases with lambda.
     assert path.nnz[0] == 0 and path.nnz[-1] > 0
     assert (path.objective.diff() < 0).all()
@@ -60,16 +61,36 @@ def test_group_penalty_zeroes_whole_columns(structured):
 
 def test_float32_and_float64_agree(structured):
     x, y = structured
-    # Solved tightly so that the difference measures precision, not the solver tolerance.
+    # Asked for more than float32 resolves on these features: the solver raises its tolerance to four times the
+    # measured rounding of its gradient (how much that is depends on the BLAS and the CPU) and says so.
     p32 = elastic_net_path(x, y, n_lambdas=20, eps=1e-2, tol=1e-6)
-    p64 = elastic_net_path(x.double(), y, n_lambdas=20, eps=1e-2, tol=1e-6, dtype=torch.float64)
+    p64 = elastic_net_path(x.double(), y, n_lambdas=20, eps=1e-2, tol=1e-8, dtype=torch.float64)
     assert p64.weights.dtype == torch.float64 and p32.weights.dtype == torch.float32
     assert torch.allclose(p32.lambdas, p64.lambdas, rtol=1e-5)
     assert p32.converged.all() and p64.converged.all()
-    assert torch.allclose(p32.objective, p64.objective, rtol=1e-6)
-    assert (p32.weights.double() - p64.weights).abs().max() <= 1e-3 * p64.weights.abs().max()
-    assert (p32.biases.double() - p64.biases).abs().max() <= 1e-3 * p64.biases.abs().max()
+    assert p32.tol >= 1e-6 * lambda_max(x, y) * 0.99
+    # Each float32 point meets its stated tolerance in exact (float64) arithmetic, up to the float32 rounding of
+    # the solver's own check.
+    assert p32.tol >= 4 * p32.rounding
+    for k in range(len(p32)):
+        exact = kkt_violation(x.double(), y, p32.weights[k], p32.biases[k], float(p32.lambdas[k]))
+        assert exact <= p32.tol + ROUNDING_SAMPLES * p32.rounding, (k, exact, p32.tol)
+    # Objectives agree to second order in the tolerance, and the supports are the same.
+    assert torch.allclose(p32.objective, p64.objective, rtol=1e-5)
     assert torch.equal(p32.nnz, p64.nnz)
+
+
+def test_a_tolerance_below_float32_rounding_is_raised_with_a_warning(structured, caplog):
+    x, y = structured
+    lam = lambda_max(x, y)
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+        path = elastic_net_path(x, y, n_lambdas=3, eps=0.5, tol=1e-12)
+    assert "below the rounding of float32 gradients" in caplog.text
+    assert path.tol > 1e-12 * lam and path.converged.all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+        exact = elastic_net_path(x.double(), y, n_lambdas=3, eps=0.5, tol=1e-9, dtype=torch.float64)
+    assert not caplog.text and exact.tol == pytest.approx(1e-9 * 0.99 * lam, rel=1e-6)
 
 
 def test_objective_no_worse_than_glm_saga():

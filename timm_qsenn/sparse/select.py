@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import random_split
 
 from .solver import (
+    _absolute_tol,
     _check_alpha,
     _check_classes,
     _check_problem,
@@ -147,7 +148,7 @@ def selection_path(
     bias0, grad0 = _null_model(X_train, y_train, num_classes)
     scale = float(grad0.norm(dim=0).max())
     lam_max = scale / alpha
-    abs_tol = tol * scale if scale > 0 else tol
+    abs_tol, _ = _absolute_tol(full, _null_state(full, bias0), grad0, tol, scale, group=True)
     lams = lambda_grid(lam_max, n_lambdas, eps).tolist()
 
     n = X_train.shape[0]

@@ -50,6 +50,7 @@ class RegPath:
     alpha: float
     group: bool
     tol: float  # absolute KKT tolerance used for the convergence flags
+    rounding: float  # measured rounding of the solver's gradient on these features (tol is at least 4x it)
 
     def __len__(self) -> int:
         return self.lambdas.shape[0]
@@ -129,6 +130,8 @@ _METRIC_FLOOR = 0.3
 _REDUCE_BELOW = 0.75
 # Halvings of the step before the search gives up; 2^-100 of any sane step is below any curvature scale.
 _MAX_BACKTRACKS = 100
+# A KKT violation below this many times the measured gradient rounding cannot be told from zero.
+_ROUNDING_MARGIN = 4.0
 
 
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
@@ -292,6 +295,37 @@ def _null_state(prob: _Problem, bias: Tensor) -> _State:
     theta = bias.new_zeros(bias.shape[0], prob.X1.shape[1])
     theta[:, -1] = bias
     return _State(theta, bias.expand(prob.n, -1).clone())
+
+
+def _absolute_tol(
+    prob: _Problem, null: _State, grad0: Tensor, tol: float, scale: float, group: bool
+) -> tuple[float, float]:
+    """The KKT tolerance ``tol * scale``, raised to what the solver's arithmetic can resolve on this problem,
+    and the measured rounding of the gradient it is based on.
+
+    The gradient at the all-zero model is known twice: from class sums (``grad0``) and from the GEMM every
+    iteration uses, whose summation order depends on the BLAS and the CPU. Their difference, and the bias
+    gradient there (exactly zero in exact arithmetic), measure the rounding of the gradient on these
+    features; a violation below a few times that is noise, so asking for less could never be met.
+    """
+    requested = tol * scale if scale > 0 else tol
+    probs = torch.softmax(null.logits, dim=1)
+    grad = _smooth_grad(prob, probs, null.theta, 0.0, 1.0)
+    diff = grad[:, :-1] - grad0
+    weight_error = float(diff.norm(dim=0).max() if group else diff.abs().max())
+    rounding = max(weight_error, float(grad[:, -1].abs().max()))
+    floor = _ROUNDING_MARGIN * rounding
+    if floor <= requested:
+        return requested, rounding
+    _logger.warning(
+        "KKT tolerance %.3g is below the rounding of %s gradients on these features (%.3g); solving to %.3g "
+        "instead (dtype=torch.float64 resolves tighter tolerances)",
+        requested,
+        str(prob.X1.dtype).removeprefix("torch."),
+        rounding,
+        floor,
+    )
+    return floor, rounding
 
 
 def _first_step(X1: Tensor, iters: int = 30) -> float:
@@ -584,10 +618,10 @@ def elastic_net_path(
                 "can diverge on separable data"
             )
         lams = lams.sort(descending=True).values
-    abs_tol = tol * scale if scale > 0 else tol
 
     prob = _Problem.build(X, y, num_classes)
     null = _null_state(prob, bias0)
+    abs_tol, rounding = _absolute_tol(prob, null, grad0, tol, scale, group)
     null.step = _first_step(prob.X1)
     state, prev = null, None
     prev_lam = lam_max
@@ -657,6 +691,7 @@ def elastic_net_path(
         alpha=alpha,
         group=group,
         tol=abs_tol,
+        rounding=rounding,
     )
 
 
