@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from timm_qsenn.head import QSENNHead, unpack_packed_weights
-from timm_qsenn.ternary import PACKED_FORMAT_VERSION, pack_ternary, quantize_ternary, ternary_bias
+from timm_qsenn.head import QSENNHead
+from timm_qsenn.ternary import pack_layer, quantize_ternary, ternary_bias, unpack_layer
 
 
 def _ternary_head(in_features=8, num_classes=3, channels=(1, 4, 6, 7)):
@@ -84,25 +84,17 @@ def test_new_num_classes_drops_the_ternary_layer_cleanly():
 def test_packed_class_layer_unpacks_on_load():
     head = _ternary_head()
     codes, scale = head.ternary_codes()
-    state = head.state_dict()
-    del state["fc.weight"]
-    state.update(
-        {
-            "fc.weight_packed": pack_ternary(codes),
-            "fc.weight_shape": torch.tensor(codes.shape),
-            "fc.weight_scale": torch.tensor(scale),
-            "fc.weight_format_version": torch.tensor(int(PACKED_FORMAT_VERSION)),
-        }
-    )
+    state = pack_layer(head.state_dict(), "fc", codes, scale)
+    assert "fc.weight" not in state and state["fc.weight_packed"].dtype == torch.uint8
     fresh = QSENNHead(8, 3)
     fresh.load_state_dict(state)
     assert torch.allclose(fresh.fc.weight, head.fc.weight)
     bad = dict(state, **{"fc.weight_format_version": torch.tensor(99)})
     with pytest.raises(ValueError, match="format version 99"):
-        unpack_packed_weights(dict(bad), prefix="")
+        unpack_layer(dict(bad), "fc")
     incomplete = {k: v for k, v in state.items() if k != "fc.weight_scale"}
     with pytest.raises(ValueError, match="incomplete"):
-        unpack_packed_weights(incomplete, prefix="")
+        unpack_layer(incomplete, "fc")
 
 
 def test_checkpoint_selecting_channels_beyond_the_backbone_is_rejected():

@@ -6,12 +6,13 @@ Importing the package registers every ``*_qsenn`` model with timm::
     model = timm.create_model("resnet50_qsenn", pretrained=True, num_classes=200)
 """
 
+from ._utils import package_version
 from .head import STAGES, QSENNHead
 from .losses import FeatureDiversityLoss, feature_diversity_loss
 from .qsenn import QSENN, QSENNOutput
 from .ternary import TernaryWeights, pack_ternary, quantize_ternary, ternary_bias, unpack_ternary
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 __all__ = [
     "QSENN",

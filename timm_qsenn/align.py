@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .metrics import AttributeLabels, _write_json, alignment_matrix
+from ._utils import write_json
+from .metrics import AttributeLabels, alignment_matrix
 from .sparse.features import pooled_features
 
 __all__ = [
@@ -226,7 +227,7 @@ class FeatureNaming:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The naming as JSON text, also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
 
 def _numbered(names: list[str]) -> list[str]:

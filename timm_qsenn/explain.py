@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import _write_json
+from ._utils import is_shuffled, write_json
 from .qsenn import QSENN
 
 __all__ = [
@@ -84,7 +84,7 @@ class GlobalExplanation:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The explanation as JSON text, also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
 
 def feature_names_of(model: QSENN) -> list[str]:
@@ -190,7 +190,7 @@ class LocalExplanation:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The explanation as JSON text, also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
 
 def _class_layer(model: QSENN) -> tuple[Tensor, Tensor]:
@@ -412,12 +412,10 @@ def _to_pil(image: Tensor, size: int | None = None) -> Any:
 
 
 def _require_sequential(loader: Iterable, what: str) -> Any:
-    from .metrics import _is_shuffled
-
     dataset = getattr(loader, "dataset", None)
     if dataset is None or not hasattr(dataset, "__getitem__"):
         raise ValueError(f"{what} needs a DataLoader over an indexable dataset (loader.dataset[i])")
-    if _is_shuffled(loader):
+    if is_shuffled(loader):
         raise ValueError(f"{what} finds images by their position in the loader; build it with shuffle=False")
     return dataset
 

@@ -18,14 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ternary import PACKED_FORMAT_VERSION, unpack_ternary
+from .ternary import unpack_layer
 
-__all__ = ["QSENNHead", "STAGES", "unpack_packed_weights"]
+__all__ = ["QSENNHead", "STAGES"]
 
 STAGES = ("dense", "selected", "ternary")
 _POOL_TYPES = ("avg", "")
-# Keys written by the compact export (see ``hub.py``): 2-bit codes, their shape and the one magnitude.
-PACKED_SUFFIXES = ("fc.weight_packed", "fc.weight_shape", "fc.weight_scale", "fc.weight_format_version")
 
 
 def _check_pool_type(pool_type: str) -> str:
@@ -40,30 +38,6 @@ def _create_fc(in_features: int, num_classes: int, device=None, dtype=None) -> n
     if num_classes <= 0:
         return nn.Identity()
     return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
-
-
-def unpack_packed_weights(state_dict: dict[str, Tensor], prefix: str = "head.") -> dict[str, Tensor]:
-    """Replace a packed ternary class layer (``<prefix>fc.weight_packed`` etc.) by a float ``fc.weight``.
-
-    Works in place and returns the dict. A state dict without packed keys is returned unchanged.
-    """
-    packed_key = prefix + "fc.weight_packed"
-    if packed_key not in state_dict:
-        return state_dict
-    missing = [prefix + s for s in PACKED_SUFFIXES if prefix + s not in state_dict]
-    if missing:
-        raise ValueError(f"packed ternary class layer is incomplete, missing {missing}")
-    version = int(state_dict.pop(prefix + "fc.weight_format_version").item())
-    if version != int(PACKED_FORMAT_VERSION):
-        raise ValueError(
-            f"packed ternary class layer uses format version {version}, this timm_qsenn reads version "
-            f"{PACKED_FORMAT_VERSION}; upgrade timm_qsenn to load it"
-        )
-    shape = state_dict.pop(prefix + "fc.weight_shape").tolist()
-    scale = state_dict.pop(prefix + "fc.weight_scale").to(torch.float32)
-    codes = unpack_ternary(state_dict.pop(packed_key), shape)
-    state_dict[prefix + "fc.weight"] = codes.to(torch.float32) * scale
-    return state_dict
 
 
 class QSENNHead(nn.Module):
@@ -262,7 +236,7 @@ class QSENNHead(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # Shape the head like the checkpoint (feature count, stage) before torch copies any value into it.
-        unpack_packed_weights(state_dict, prefix)
+        unpack_layer(state_dict, prefix + "fc")
         selection = state_dict.get(prefix + "selection")
         stage_id = state_dict.get(prefix + "stage_id")
         resized = selection is not None and selection.shape[0] != self.num_features

@@ -8,7 +8,7 @@ metadata (the ``"qsenn"`` block of ``config.json``):
   top-level ``"qsenn"`` block (stage, selected channels, weights per class, scale, feature names, metrics,
   recipe, dataset, format and package versions). timm ignores unknown top-level keys.
 * ``model.safetensors``: the state dict with the ternary class layer packed into 2-bit codes
-  (``head.fc.weight_packed`` and friends, see :func:`timm_qsenn.head.unpack_packed_weights`); the header
+  (``head.fc.weight_packed`` and friends, see :func:`timm_qsenn.ternary.pack_layer`); the header
   metadata names the file format and the class-layer format with their versions.
 * ``README.md``: a model card made with huggingface_hub's ``ModelCard``.
 
@@ -40,9 +40,11 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
+from ._utils import flatten_dict, package_version
 from .explain import class_names_of, feature_names_of, global_explanation
-from .qsenn import _HUB_CONFIGS, CURATED_BACKBONES, QSENN
-from .ternary import PACKED_FORMAT, PACKED_FORMAT_VERSION, pack_ternary
+from .pretrained import CURATED_BACKBONES, backbone_variant_cfg, hub_config
+from .qsenn import QSENN
+from .ternary import PACKED_FORMAT, PACKED_FORMAT_VERSION, pack_layer
 
 __all__ = [
     "save_pretrained",
@@ -163,12 +165,7 @@ def _state_dict(model: QSENN, packed: bool) -> dict[str, Tensor]:
     """The model's state dict on the CPU, contiguous, with the class layer packed when asked."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if packed:
-        codes, scale = model.head.ternary_codes()
-        state.pop("head.fc.weight")
-        state["head.fc.weight_packed"] = pack_ternary(codes)
-        state["head.fc.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
-        state["head.fc.weight_scale"] = torch.tensor(scale, dtype=torch.float32)
-        state["head.fc.weight_format_version"] = torch.tensor(int(PACKED_FORMAT_VERSION), dtype=torch.int64)
+        state = pack_layer(state, "head.fc", *model.head.ternary_codes())
     return state
 
 
@@ -191,7 +188,7 @@ def _qsenn_metadata(
     scale = head.ternary_codes()[1] if _packable(model) else None
     return {
         "format_version": FORMAT_VERSION,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "architecture": _architecture(model),
         "backbone": model.backbone_name,
         "stage": head.stage,
@@ -265,9 +262,7 @@ def _export_cfg(model: QSENN) -> dict[str, Any]:
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
         return dict(cfg, architecture=_architecture(model))
-    from .qsenn import _backbone_cfg_to_variant, _resolve_backbone_cfg
-
-    base = _backbone_cfg_to_variant(_resolve_backbone_cfg(model.backbone_name), model.backbone_name)
+    base = backbone_variant_cfg(model.backbone_name)
     return dict(base.to_dict(), architecture="qsenn", num_classes=model.num_classes)
 
 
@@ -306,12 +301,6 @@ def _jsonable(value: Any, what: str) -> Any:
             "pass numbers, strings, lists or dicts"
         ) from e
     return value
-
-
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @contextlib.contextmanager
@@ -410,7 +399,7 @@ def model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     meta = dict(meta) if meta is not None else _qsenn_metadata(model, None, None, None, _packable(model))
-    metrics = {str(k): v for k, v in _flatten(meta.get("metrics") or {}).items()}
+    metrics = {str(k): v for k, v in flatten_dict(meta.get("metrics") or {}).items()}
     ordered = sorted(metrics, key=lambda k: (not re.search(r"acc|top-?1", k, re.I), list(metrics).index(k)))
     dataset = meta.get("dataset")
     name = repo_id.split("/")[-1] if repo_id else (folder_name or f"{model.backbone_name}_qsenn")
@@ -467,16 +456,6 @@ def _base_model(backbone: str) -> str | None:
         if cfg is not None and cfg.hf_hub_id:
             return cfg.hf_hub_id
     return None
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _format_value(value: Any) -> str:
@@ -656,9 +635,9 @@ def load_model(name_or_path: str | os.PathLike, **kwargs: Any) -> QSENN:
                 "save_pretrained, 'hf-hub:ORG/NAME', or a name from timm.list_models('*qsenn*', pretrained=True)"
             )
         meta, source = {}, name
-        hub_config = _HUB_CONFIGS.get(name)
-        if kwargs["pretrained"] and hub_config is not None:
-            source = _hub_file(hub_config["hf_hub_id"], _WEIGHTS, kwargs.get("cache_dir"))
+        registered = hub_config(name)
+        if kwargs["pretrained"] and registered is not None:
+            source = _hub_file(registered["hf_hub_id"], _WEIGHTS, kwargs.get("cache_dir"))
             _check_weights(source)
         model = _create(name, source, **kwargs)
     if not isinstance(model, QSENN):
@@ -729,7 +708,7 @@ def _check_config(path: Path) -> dict[str, Any]:
     if version is not None and int(version) > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by timm_qsenn {meta.get('package_version')} in format version {version}; this "
-            f"timm_qsenn {_package_version()} reads up to version {FORMAT_VERSION}: upgrade timm_qsenn"
+            f"timm_qsenn {package_version()} reads up to version {FORMAT_VERSION}: upgrade timm_qsenn"
         )
     return meta
 
@@ -761,7 +740,7 @@ def _check_weights(path: Path) -> dict[str, str]:
     layer = metadata.get(_META_LAYER)
     if layer == PACKED_FORMAT:
         layer_version = metadata.get(_META_LAYER_VERSION)
-        if layer_version != PACKED_FORMAT_VERSION:
+        if layer_version != str(PACKED_FORMAT_VERSION):
             raise ValueError(
                 f"{path} stores its class layer as {PACKED_FORMAT} version {layer_version}; this timm_qsenn "
                 f"reads version {PACKED_FORMAT_VERSION}: upgrade timm_qsenn to load it"
@@ -841,7 +820,7 @@ def push_to_hub(
             allow_patterns=_HUB_PATTERNS,
             ignore_patterns=ignore or None,
             commit_message=commit_message
-            or f"Upload {'folded ' if folded else ''}Q-SENN model with timm_qsenn {_package_version()}",
+            or f"Upload {'folded ' if folded else ''}Q-SENN model with timm_qsenn {package_version()}",
         )
     return str(url)
 

@@ -25,7 +25,6 @@ Conventions, and where they differ from the reference code:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,6 +34,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from ._utils import is_shuffled, read_table, write_json
 
 __all__ = [
     "accuracy",
@@ -551,21 +552,6 @@ def _cub_attribute_names(root: Path, count: int) -> list[str]:
     return [f"attribute {a + 1}" for a in range(count)]
 
 
-def _read_table(path: Path) -> list[list[str]]:
-    """The whitespace-separated rows of one of a dataset's official text files (CUB, FGVC-Aircraft)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path.name} in {path.parent}; the dataset's official files are incomplete")
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_json(data: Any, path: str | Path | None) -> str:
-    """``data`` as indented JSON text, also written to ``path`` when given."""
-    text = json.dumps(data, indent=2)
-    if path is not None:
-        Path(path).write_text(text + "\n")
-    return text
-
-
 def read_cub_attributes(
     root: str | Path, split: Literal["train", "test"] | None = "train", min_certainty: int = 3
 ) -> AttributeLabels:
@@ -580,13 +566,13 @@ def read_cub_attributes(
     if not 1 <= min_certainty <= 4:
         raise ValueError(f"min_certainty must be a CUB certainty id in 1..4, got {min_certainty}")
     root = _cub_root(root)
-    images = _read_table(root / "images.txt")
+    images = read_table(root / "images.txt")
     paths = {int(row[0]): row[1] for row in images}
     ids = sorted(paths)
     if split is not None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
-        is_train = {int(row[0]): row[1] == "1" for row in _read_table(root / "train_test_split.txt")}
+        is_train = {int(row[0]): row[1] == "1" for row in read_table(root / "train_test_split.txt")}
         ids = [i for i in ids if is_train[i] == (split == "train")]
     labels = []
     with open(root / "attributes" / "image_attribute_labels.txt") as f:
@@ -611,7 +597,7 @@ def read_cub_attributes(
 def read_cub_class_attributes(root: str | Path) -> Tensor:
     """CUB-200-2011's class attribute vectors (200 x 312, percent of images), for structural grounding."""
     path = _cub_root(root) / "attributes" / "class_attribute_labels_continuous.txt"
-    rows = _read_table(path)
+    rows = read_table(path)
     if len({len(r) for r in rows}) != 1:
         raise ValueError(f"{path} has rows of different lengths; it should hold one row per class")
     return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
@@ -648,7 +634,7 @@ class QSENNMetrics:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The metrics as JSON text, also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QSENNMetrics:
@@ -770,16 +756,6 @@ class _SplitStatistics:
         return {name: _finite(value) for name, value in results.items()}
 
 
-def _is_shuffled(loader: Iterable) -> bool:
-    """Whether a loader (plain or prepared by Accelerate) draws its samples in random order."""
-    samplers = [getattr(loader, "sampler", None)]
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    while batch_sampler is not None:
-        samplers.append(getattr(batch_sampler, "sampler", None))
-        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
-    return any(isinstance(s, torch.utils.data.RandomSampler) for s in samplers)
-
-
 def _batches(loader: Iterable, description: str, show: bool) -> Iterable:
     if not show:
         return loader
@@ -824,7 +800,7 @@ def evaluate(
     if isinstance(attributes, Tensor):
         attributes = AttributeLabels.from_matrix(attributes)
     feature_loader = train_loader if train_loader is not None else test_loader
-    if attributes is not None and _is_shuffled(feature_loader):
+    if attributes is not None and is_shuffled(feature_loader):
         raise ValueError(
             "attributes are matched to images by position, but the loader shuffles; build it with shuffle=False"
         )

@@ -6,24 +6,26 @@ name, so ``timm.list_models(module='qsenn')`` lists exactly the models registere
 
 from __future__ import annotations
 
-import difflib
-import json
-import logging
 import math
-import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
-from importlib import resources
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._pretrained import PretrainedCfg
+from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
-from .head import QSENNHead, unpack_packed_weights
+from .backbone import create_backbone
+from .head import QSENNHead
+from .pretrained import (
+    CURATED_BACKBONES,
+    HUB_CONFIGS_ENV,
+    SOURCE_KEYS,
+    build_default_cfgs,
+    resolve_variant_cfg,
+    uses_backbone_weights,
+)
+from .ternary import unpack_layer
 
 __all__ = [
     "QSENN",
@@ -32,51 +34,6 @@ __all__ = [
     "CURATED_BACKBONES",
     "HUB_CONFIGS_ENV",
 ]
-
-_logger = logging.getLogger(__name__)
-
-HUB_CONFIGS_ENV = "TIMM_QSENN_HUB_CONFIGS"
-
-# Backbones registered as ``<name>_qsenn``, with the backbone kwargs each needs to accept any input size.
-_TOKEN_GRID = {"dynamic_img_size": True}
-CURATED_BACKBONES: dict[str, dict[str, Any]] = {
-    "resnet18": {},
-    "resnet34": {},
-    "resnet50": {},
-    "resnet101": {},
-    "resnet152": {},
-    "densenet121": {},
-    "inception_v3": {},
-    "convnext_tiny": {},
-    "convnext_small": {},
-    "convnext_base": {},
-    "efficientnet_b0": {},
-    "efficientnet_b3": {},
-    "tf_efficientnet_lite0": {},
-    "vit_small_patch16_224": _TOKEN_GRID,
-    "vit_base_patch16_224": _TOKEN_GRID,
-    "deit_small_patch16_224": _TOKEN_GRID,
-    "vit_small_patch14_dinov2": _TOKEN_GRID,
-    "vit_base_patch14_dinov2": _TOKEN_GRID,
-    "eva02_small_patch14_224": _TOKEN_GRID,
-    "swin_tiny_patch4_window7_224": {"strict_img_size": False},
-}
-
-_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename")
-_DATA_KEYS = (
-    "input_size",
-    "test_input_size",
-    "min_input_size",
-    "fixed_input_size",
-    "interpolation",
-    "crop_pct",
-    "test_crop_pct",
-    "crop_mode",
-    "mean",
-    "std",
-    "pool_size",
-    "test_pool_size",
-)
 
 
 class QSENNOutput(NamedTuple):
@@ -144,7 +101,7 @@ class QSENN(nn.Module):
             ).items()
             if v is not None
         }
-        self.backbone = _create_backbone(
+        self.backbone = create_backbone(
             backbone, pretrained_backbone, in_chans=in_chans, **extra, **(backbone_kwargs or {})
         )
         self.num_features = self.backbone.num_features
@@ -231,15 +188,6 @@ class QSENN(nn.Module):
         return QSENNOutput(self.head.classify(features), features, maps)
 
 
-def _create_backbone(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise ValueError(f"unknown timm backbone {name!r}{hint}")
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-
-
 def _prefix_pattern(pattern: str) -> str:
     return r"^backbone\.(?:" + pattern.removeprefix("^") + ")"
 
@@ -268,155 +216,27 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: QSENN) -> dict[st
             f"use timm.create_model('{model.backbone_name}_qsenn', pretrained=True, "
             "pretrained_cfg_overlay=dict(file=...)) with a backbone tag, or load it into model.backbone"
         )
-    return unpack_packed_weights(state_dict, "head.")
+    return unpack_layer(state_dict, "head.fc")
 
 
-def _backbone_cfg_to_variant(backbone_cfg: PretrainedCfg, backbone: str) -> PretrainedCfg:
-    """Derive a Q-SENN variant's cfg from its backbone's: data settings and weights; head names are ours."""
-    cfg = {k: getattr(backbone_cfg, k) for k in _SOURCE_KEYS + _DATA_KEYS}
-    first_conv = backbone_cfg.first_conv
-    if isinstance(first_conv, str):
-        first_conv = "backbone." + first_conv
-    elif first_conv:
-        first_conv = tuple("backbone." + c for c in first_conv)
-    return PretrainedCfg(
-        **cfg,
-        num_classes=backbone_cfg.num_classes,
-        first_conv=first_conv,
-        classifier="head.fc",
-        license=backbone_cfg.license,
-        origin_url=backbone_cfg.origin_url,
-        notes=(f"Backbone weights of timm's {backbone}; the Q-SENN head is freshly initialised.",),
-    )
-
-
-def _backbone_tags(backbone: str) -> dict[str, PretrainedCfg]:
-    """The backbone's pretrained tags, default first, each with its cfg."""
-    cfgs = timm.models.get_arch_pretrained_cfgs(backbone)
-    return {name.partition(".")[2]: cfg for name, cfg in cfgs.items()}
-
-
-def _hub_config_files() -> list[Path]:
-    """The shipped hub configs, then those in the folders listed in $TIMM_QSENN_HUB_CONFIGS (os.pathsep)."""
-    shipped = resources.files("timm_qsenn").joinpath("hub_configs")
-    files = sorted(Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".json"))
-    for folder in filter(None, os.environ.get(HUB_CONFIGS_ENV, "").split(os.pathsep)):
-        files.extend(sorted(Path(folder).glob("*.json")))
-    return files
-
-
-def _read_hub_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"hub config {path} is not readable JSON: {e}") from e
-    missing = [k for k in ("architecture", "tag", "hf_hub_id") if k not in config]
-    if missing:
-        raise ValueError(f"hub config {path} lacks {missing}")
-    return config
-
-
-def _load_hub_configs() -> dict[str, dict[str, Any]]:
-    configs = {}
-    for path in _hub_config_files():
-        config = _read_hub_config(path)
-        configs[f"{config['architecture']}.{config['tag']}"] = config
-    return configs
-
-
-_HUB_CONFIGS = _load_hub_configs()
-# Tags whose weights are the backbone's own (the head is fresh); every other tag carries a trained Q-SENN.
-_BACKBONE_WEIGHT_TAGS: set[str] = set()
-
-
-def _hub_variant_cfg(name: str, config: dict[str, Any]) -> PretrainedCfg:
-    arch = config["architecture"]
-    backbone = config.get("model_args", {}).get("backbone") or arch.removesuffix("_qsenn")
-    base = _backbone_cfg_to_variant(timm.get_pretrained_cfg(backbone), backbone)
-    fields = dict(config.get("pretrained_cfg", {}))
-    fields.update(hf_hub_id=config["hf_hub_id"], url=None, file=None, hf_hub_filename=None)
-    fields.setdefault("notes", (f"Q-SENN model {name} trained with timm_qsenn.",))
-    return replace(base, **fields)
-
-
-def _build_default_cfgs() -> dict[str, Any]:
-    cfgs: dict[str, PretrainedCfg] = {}
-    for backbone in CURATED_BACKBONES:
-        arch = f"{backbone}_qsenn"
-        any_size = CURATED_BACKBONES[backbone].get("dynamic_img_size") or (
-            CURATED_BACKBONES[backbone].get("strict_img_size") is False
-        )
-        for tag, cfg in _backbone_tags(backbone).items():
-            cfg = _backbone_cfg_to_variant(cfg, f"{backbone}.{tag}")
-            cfgs[f"{arch}.{tag}"] = replace(cfg, fixed_input_size=False) if any_size else cfg
-            _BACKBONE_WEIGHT_TAGS.add(f"{arch}.{tag}")
-    registered = {f"{b}_qsenn" for b in CURATED_BACKBONES} | {"qsenn"}
-    for name, config in _HUB_CONFIGS.items():
-        if name.partition(".")[0] in registered:
-            cfgs[name] = _hub_variant_cfg(name, config)
-        else:
-            _logger.warning("hub config %s names an architecture timm_qsenn does not register; skipped", name)
-    return generate_default_cfgs({k: asdict(v) for k, v in cfgs.items()})
-
-
-default_cfgs = _build_default_cfgs()
-
-
-def _file_holds_qsenn(path: str) -> bool:
-    """Whether a weights file already holds a Q-SENN model (keys under ``backbone.``) or only a backbone."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        keys = list(timm.models.load_state_dict(path).keys())
-    return any(k.startswith("backbone.") for k in keys)
-
-
-def _uses_backbone_weights(cfg: PretrainedCfg, backbone_tag: bool) -> bool:
-    """Whether ``pretrained=True`` should load the backbone's own weights instead of a Q-SENN checkpoint."""
-    if cfg.source in ("hf-hub", "local-dir") or cfg.state_dict is not None:
-        return False
-    if cfg.file:
-        return not _file_holds_qsenn(cfg.file)
-    return backbone_tag
-
-
-def _resolve_variant_cfg(variant: str, pretrained_cfg: Any, kwargs: dict[str, Any]) -> tuple[PretrainedCfg, bool]:
-    """The variant's pretrained cfg, and whether its weights are the backbone's own (the head then is fresh).
-
-    A hub-config tag also fills the model kwargs it was trained with (``model_args``) where not given.
-    """
-    if isinstance(pretrained_cfg, PretrainedCfg):
-        return pretrained_cfg, False
-    if isinstance(pretrained_cfg, dict):
-        return PretrainedCfg(**pretrained_cfg), False
-    name = f"{variant}.{pretrained_cfg}" if pretrained_cfg else variant
-    hub_config = _HUB_CONFIGS.get(name)
-    for key, value in (hub_config or {}).get("model_args", {}).items():
-        kwargs.setdefault(key, value)
-    if variant == "qsenn" and hub_config is None:
-        backbone = kwargs.setdefault("backbone", "resnet50")
-        return _backbone_cfg_to_variant(_resolve_backbone_cfg(backbone), backbone), True
-    cfg = timm.models.get_pretrained_cfg(name)
-    return cfg, f"{variant}.{cfg.tag}" in _BACKBONE_WEIGHT_TAGS
+# Read by timm's register_model when each entrypoint below is defined, so it must exist first.
+default_cfgs = build_default_cfgs()
 
 
 def _create_qsenn(variant: str, pretrained: bool = False, **kwargs: Any) -> QSENN:
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
     cache_dir = kwargs.pop("cache_dir", None)
-    cfg, backbone_tag = _resolve_variant_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs)
+    cfg, backbone_tag = resolve_variant_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs)
     cfg = replace(cfg, architecture=variant, **overlay)
 
-    from_backbone = pretrained and _uses_backbone_weights(cfg, backbone_tag)
+    from_backbone = pretrained and uses_backbone_weights(cfg, backbone_tag)
     if from_backbone:
         # The backbone's own entrypoint loads its weights: its checkpoint filters and input-conv adaption apply.
         backbone = kwargs.get("backbone", "resnet50")
         if variant != "qsenn" and cfg.tag and "." not in backbone:
             backbone = f"{backbone}.{cfg.tag}"
         backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
-        backbone_overlay = {k: v for k, v in overlay.items() if k in _SOURCE_KEYS}
+        backbone_overlay = {k: v for k, v in overlay.items() if k in SOURCE_KEYS}
         if backbone_overlay:
             backbone_kwargs["pretrained_cfg_overlay"] = backbone_overlay
         if cache_dir is not None:
@@ -438,13 +258,6 @@ def _create_qsenn(variant: str, pretrained: bool = False, **kwargs: Any) -> QSEN
         height, width = model.pretrained_cfg["input_size"][1:]
         model.pretrained_cfg["pool_size"] = (math.ceil(height / reduction), math.ceil(width / reduction))
     return model
-
-
-def _resolve_backbone_cfg(backbone: str) -> PretrainedCfg:
-    arch = backbone.split(".", 1)[0]
-    if not timm.is_model(arch):
-        _create_backbone(backbone, False)  # raises the error with suggestions
-    return timm.get_pretrained_cfg(backbone) or PretrainedCfg(architecture=arch)
 
 
 def _make_entrypoint(backbone: str):

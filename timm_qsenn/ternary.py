@@ -1,4 +1,4 @@
-"""Ternary quantisation of a sparse class layer, the Q-SENN bias rule, and 2-bit packing of ternary codes.
+"""Ternary quantisation of a sparse class layer, the Q-SENN bias rule, and the packed 2-bit format of a layer.
 
 Implements section 1.7 of the Q-SENN method: the ``n_per_class * num_classes`` largest-magnitude weights are
 kept under one global budget, every kept weight becomes ``+a`` or ``-a`` with one global magnitude ``a``
@@ -18,12 +18,18 @@ __all__ = [
     "ternary_bias",
     "pack_ternary",
     "unpack_ternary",
+    "pack_layer",
+    "unpack_layer",
     "PACKED_FORMAT",
     "PACKED_FORMAT_VERSION",
+    "PACKED_SUFFIXES",
 ]
 
 PACKED_FORMAT = "qsenn-ternary-2bit"
-PACKED_FORMAT_VERSION = "1"
+PACKED_FORMAT_VERSION = 1
+# A packed layer ``<name>`` replaces ``<name>.weight`` by these tensors: the 2-bit codes, their shape, the one
+# magnitude and the format version. Its bias stays ``<name>.bias``.
+PACKED_SUFFIXES = ("weight_packed", "weight_shape", "weight_scale", "weight_format_version")
 
 # 2-bit code of each ternary value; 3 is never written and is rejected on unpacking.
 _CODE_OF = {0: 0, 1: 1, -1: 2}
@@ -189,3 +195,38 @@ def unpack_ternary(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor
         raise ValueError("packed codes contain the invalid 2-bit value 3; the data is corrupt")
     codes = torch.where(two_bit == _CODE_OF[-1], torch.full_like(two_bit, 255), two_bit).view(torch.int8)
     return codes.reshape(shape)
+
+
+def pack_layer(state_dict: dict[str, Tensor], layer: str, codes: Tensor, scale: float) -> dict[str, Tensor]:
+    """A copy of ``state_dict`` whose ``<layer>.weight`` (``scale * codes``) is stored packed (see PACKED_SUFFIXES)."""
+    packed = {k: v for k, v in state_dict.items() if k != f"{layer}.weight"}
+    values = (
+        pack_ternary(codes),
+        torch.tensor(list(codes.shape), dtype=torch.int64),
+        torch.tensor(scale, dtype=torch.float32),
+        torch.tensor(PACKED_FORMAT_VERSION, dtype=torch.int64),
+    )
+    packed.update({f"{layer}.{suffix}": value for suffix, value in zip(PACKED_SUFFIXES, values)})
+    return packed
+
+
+def unpack_layer(state_dict: dict[str, Tensor], layer: str) -> dict[str, Tensor]:
+    """Replace a packed ``<layer>`` in ``state_dict`` by a float32 ``<layer>.weight``, in place; returns the dict.
+
+    A state dict without the packed keys is returned unchanged.
+    """
+    keys = [f"{layer}.{suffix}" for suffix in PACKED_SUFFIXES]
+    if keys[0] not in state_dict:
+        return state_dict
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(f"packed ternary class layer {layer!r} is incomplete, missing {missing}; the file is damaged")
+    packed, shape, scale, version = (state_dict.pop(k) for k in keys)
+    if int(version) != PACKED_FORMAT_VERSION:
+        raise ValueError(
+            f"packed ternary class layer {layer!r} uses format version {int(version)}, this timm_qsenn reads "
+            f"version {PACKED_FORMAT_VERSION}; upgrade timm_qsenn to load it"
+        )
+    codes = unpack_ternary(packed, shape.tolist())
+    state_dict[f"{layer}.weight"] = codes.to(torch.float32) * scale.to(torch.float32)
+    return state_dict

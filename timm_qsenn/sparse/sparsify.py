@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..ternary import quantize_ternary, ternary_bias
+from ..ternary import TernaryWeights, quantize_ternary, ternary_bias
 from .select import normalize_features, selection_path, split_indices
 from .solver import _check_classes, _check_problem, elastic_net_path
 
@@ -29,6 +29,7 @@ class SparseHead:
     weight: Tensor  # C x n_f, float32: ternary {-a, 0, +a}, or the kept real weights with ternary=False
     bias: Tensor  # C, float32
     scale: float | None  # the ternary magnitude a; None with ternary=False
+    threshold: float  # magnitude of dense_weight at or below which a weight is dropped
     ternary: bool
     dense_weight: Tensor  # C x n_f, the path solution before quantisation
     dense_bias: Tensor  # C
@@ -45,10 +46,9 @@ class SparseHead:
         return normalized @ self.weight.t() + self.bias
 
 
-def _keep_largest(weight: Tensor, n_per_class: float, exact_per_class: bool, binary: bool) -> Tensor:
-    """The real-valued weights that the ternary rule would keep (SLDD-style), zeros elsewhere."""
-    codes = quantize_ternary(weight, n_per_class, exact_per_class=exact_per_class, binary=binary).codes
-    return torch.where(codes != 0, weight, torch.zeros_like(weight)).to(torch.float32)
+def _keep_largest(weight: Tensor, quantized: TernaryWeights) -> Tensor:
+    """The real-valued weights that the ternary rule keeps (SLDD-style), zeros elsewhere."""
+    return torch.where(quantized.codes != 0, weight, torch.zeros_like(weight)).to(torch.float32)
 
 
 def sparsify(
@@ -144,12 +144,12 @@ def sparsify(
 
     start = time.perf_counter()
     dense_weight, dense_bias = path.weights[-1].to(torch.float32), path.biases[-1].to(torch.float32)
+    quantized = quantize_ternary(dense_weight, n_per_class, exact_per_class=exact_per_class, binary=binary)
     if ternary:
-        quantized = quantize_ternary(dense_weight, n_per_class, exact_per_class=exact_per_class, binary=binary)
         weight, scale = quantized.weight, quantized.scale
         bias = ternary_bias(quantized.codes, dense_bias)
     else:
-        weight, scale = _keep_largest(dense_weight, n_per_class, exact_per_class, binary), None
+        weight, scale = _keep_largest(dense_weight, quantized), None
         bias = dense_bias.clone()
     seconds["quantize"] = time.perf_counter() - start
 
@@ -160,6 +160,7 @@ def sparsify(
         weight=weight,
         bias=bias,
         scale=scale,
+        threshold=quantized.threshold,
         ternary=ternary,
         dense_weight=dense_weight,
         dense_bias=dense_bias,

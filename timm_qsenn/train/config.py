@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .._utils import flatten_dict
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -176,24 +178,19 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Digest of everything that determines the run's results (operational keys excluded)."""
-        flat = {k: v for k, v in _flatten(self.to_dict()).items() if k not in self.OPERATIONAL}
+        flat = {k: v for k, v in _flatten_config(self.to_dict()).items() if k not in self.OPERATIONAL}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Keys (dotted) whose values differ from ``other``'s, operational keys excluded."""
-        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        mine, theirs = _flatten_config(self.to_dict()), _flatten_config(other.to_dict())
         keys = (mine.keys() | theirs.keys()) - set(self.OPERATIONAL)
         return sorted(k for k in keys if mine.get(k) != theirs.get(k))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "backbone_kwargs":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+def _flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
+    # backbone_kwargs is one value: its keys are the backbone's, not config keys.
+    return flatten_dict(tree, keep=("backbone_kwargs",))
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -289,7 +286,7 @@ def load_config(
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        for dotted, value in _flatten(loaded).items():
+        for dotted, value in _flatten_config(loaded).items():
             _set_dotted(tree, dotted, value)
     for item in overrides or []:
         key, sep, raw = item.partition("=")

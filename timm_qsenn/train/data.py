@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from ..metrics import _read_table
+from .._utils import read_table
 from .config import DataConfig
 
 __all__ = [
@@ -185,10 +185,10 @@ def _find_root(root: str, marker: str, name: str, children: Sequence[str]) -> Pa
 
 def _cub_split(root: Path, split: str) -> tuple[dict[int, str], dict[int, int], list[int], list[str]]:
     """CUB's image paths, labels, the ids of ``split`` and class names from its official text files."""
-    paths = {int(i): p for i, p in _read_table(root / "images.txt")}
-    labels = {int(i): int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt")}
-    train = {int(i): flag == "1" for i, flag in _read_table(root / "train_test_split.txt")}
-    classes = [name.split(".", 1)[-1].replace("_", " ") for _, name in _read_table(root / "classes.txt")]
+    paths = {int(i): p for i, p in read_table(root / "images.txt")}
+    labels = {int(i): int(c) - 1 for i, c in read_table(root / "image_class_labels.txt")}
+    train = {int(i): flag == "1" for i, flag in read_table(root / "train_test_split.txt")}
+    classes = [name.split(".", 1)[-1].replace("_", " ") for _, name in read_table(root / "classes.txt")]
     ids = [i for i in sorted(paths) if train[i] == (split == "train")]
     return paths, labels, ids, classes
 
@@ -199,7 +199,7 @@ def read_cub200(root: str, split: str, crop_gt: bool = False) -> ImageList:
     paths, labels, ids, classes = _cub_split(base, split)
     boxes = None
     if crop_gt:
-        table = {int(r[0]): tuple(float(v) for v in r[1:5]) for r in _read_table(base / "bounding_boxes.txt")}
+        table = {int(r[0]): tuple(float(v) for v in r[1:5]) for r in read_table(base / "bounding_boxes.txt")}
         boxes = [table[i] for i in ids]
     samples = [(str(base / "images" / paths[i]), labels[i]) for i in ids]
     return ImageList(samples, classes, f"cub200:{split}:crop={crop_gt}", boxes)

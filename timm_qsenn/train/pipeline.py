@@ -7,6 +7,7 @@ A run lives in one folder::
     state.json         progress: last checkpoint (phase, epoch, batch), results, seconds per phase
     checkpoints/last/  Accelerate state (model, optimizer, RNG) + trainer.pt (scheduler, EMA)
     features/          cached pooled features, keyed by content
+    sparse/            each iteration's sparse fit: selection, path solution, ternary layer, threshold
     logs/              trackers (TensorBoard by default)
     model/             the trained Q-SENN model in timm's Hub layout (see ``timm_qsenn.hub``)
     summary.json       dense vs Q-SENN accuracy, features, weights per class, metrics, seconds per phase
@@ -26,12 +27,12 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from ..hub import _flatten
+from .._utils import flatten_dict
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
 from .data import DataBundle, build_datasets, eval_loader, train_loader
@@ -403,6 +404,8 @@ class QSENNTrainer:
                 progress=acc.is_local_main_process,
             )
         sparse = broadcast_object_list(result, from_process=0)[0]
+        if acc.is_main_process:
+            _save_sparse_fit(sparse, self.run_dir / "sparse" / f"iteration_{iteration}.safetensors")
         head = model.head
         head.select(sparse.selection)
         head.set_normalization(sparse.mean.to(head.mean), sparse.std.to(head.std))
@@ -537,9 +540,22 @@ class QSENNTrainer:
         return summary
 
 
+def _save_sparse_fit(sparse: Any, path: Path) -> None:
+    """Keep an iteration's sparse fit (the path solution before and after quantisation) for inspection."""
+    tensors = {
+        name: getattr(sparse, name).contiguous()
+        for name in ("selection", "mean", "std", "weight", "bias", "dense_weight", "dense_bias", "lambdas", "nnz")
+    }
+    metadata = {"threshold": repr(sparse.threshold), "scale": repr(sparse.scale), "ternary": str(sparse.ternary)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 def _scalars(tree: dict[str, Any]) -> dict[str, Any]:
     """Flatten a config for trackers, which accept only scalars."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in _flatten(tree).items()}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flatten_dict(tree).items()}
 
 
 def _warn_if_near_chance(accuracy: float | None, num_classes: int) -> None:
