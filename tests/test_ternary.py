@@ -34,9 +34,19 @@ def test_ties_at_the_boundary_are_all_dropped():
 
 def test_budget_larger_than_nonzeros_keeps_every_nonzero():
     weight = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
-    q = quantize_ternary(weight, n_per_class=5)
+    with pytest.warns(UserWarning, match="budget of 10 weights .* is at least the 4 weights of a 2 x 2 layer"):
+        q = quantize_ternary(weight, n_per_class=5)
     assert q.codes.tolist() == [[1, 0], [0, -1]]
     assert q.scale == pytest.approx(1.5)
+
+
+def test_fractional_budget_is_floored_as_in_the_reference():
+    weight = torch.tensor([[3.0, -2.0, 1.0]])
+    assert quantize_ternary(weight, n_per_class=1.5).codes.tolist() == [[1, 0, 0]]  # floor(1.5 * 1) = 1
+    assert quantize_ternary(weight, n_per_class=2.99).codes.tolist() == [[1, -1, 0]]
+    # 0.29 * 100 is 28.999999999999996 in float: the budget is still 29.
+    many = torch.arange(1, 301, dtype=torch.float32).reshape(100, 3)
+    assert quantize_ternary(many, n_per_class=0.29).nnz == 29
 
 
 def test_exact_per_class_and_binary():

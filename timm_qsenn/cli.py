@@ -365,8 +365,9 @@ def _run_training(config, args: argparse.Namespace) -> int:
         summary = QSENNTrainer(config, overwrite=args.overwrite).run()
     except RunExistsError as e:
         raise SystemExit(f"qsenn: {e}") from None
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        # Missing data, a feature count the backbone lacks, a foreign checkpoint: the message says what to fix.
+    except (OSError, ImportError, ValueError) as e:
+        # Missing data, a feature count the backbone lacks, a foreign or corrupt checkpoint, a full disk: the
+        # message says what to fix.
         if os.environ.get("QSENN_DEBUG"):
             raise
         raise SystemExit(f"qsenn: {e}\n(set QSENN_DEBUG=1 to see where this was raised)") from None

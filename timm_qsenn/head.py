@@ -7,23 +7,33 @@ The head moves through three stages instead of being swapped for another class:
   (a real-valued sparse layer, e.g. the SLDD-Model);
 * ``ternary``: as ``selected`` with a frozen class layer in {-a, 0, +a}.
 
-The stage, the selected channels and the normalisation are part of the state dict, so loading a checkpoint
-restores the head's structure (number of selected channels, stage, frozen layers) before its values.
+The stage is one attribute, ``stage``. The state dict carries it as ``stage_id`` next to the selected channels
+and the normalisation, so loading a checkpoint restores the head's structure (number of selected channels,
+stage, frozen layers) before its values.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .ternary import unpack_layer
 
-__all__ = ["QSENNHead", "STAGES"]
+__all__ = ["QSENNHead", "QSENNOutput", "STAGES"]
 
 STAGES = ("dense", "selected", "ternary")
 _POOL_TYPES = ("avg", "")
+_STAGE_KEY = "stage_id"
+
+
+class QSENNOutput(NamedTuple):
+    """Everything a Q-SENN forward computes: the trainer, the loss, metrics and explanations read this."""
+
+    logits: Tensor  # B x num_classes
+    features: Tensor  # B x n_f pooled feature activations, before dropout and normalisation
+    feature_maps: Tensor  # B x n_f x H x W maps of the features the class layer reads
 
 
 def _check_pool_type(pool_type: str) -> str:
@@ -38,6 +48,10 @@ def _create_fc(in_features: int, num_classes: int, device=None, dtype=None) -> n
     if num_classes <= 0:
         return nn.Identity()
     return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
+
+
+def _save_stage(module: QSENNHead, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+    state_dict[prefix + _STAGE_KEY] = torch.tensor(STAGES.index(module.stage), dtype=torch.int64)
 
 
 class QSENNHead(nn.Module):
@@ -59,12 +73,17 @@ class QSENNHead(nn.Module):
         self.pool_type = _check_pool_type(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.stage = "dense"
-        self.is_dense = True
         self.register_buffer("selection", torch.arange(in_features, device=device))
-        self.register_buffer("stage_id", torch.zeros((), dtype=torch.int64, device=device))
-        self.mean = nn.Parameter(torch.zeros(in_features, **dd), requires_grad=False)
-        self.std = nn.Parameter(torch.ones(in_features, **dd), requires_grad=False)
+        # While dense the normalisation is the identity and not used: buffers, not frozen parameters.
+        self.register_buffer("mean", torch.zeros(in_features, **dd))
+        self.register_buffer("std", torch.ones(in_features, **dd))
         self.fc = _create_fc(in_features, num_classes, **dd)
+        self.register_state_dict_post_hook(_save_stage)
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the head still reads every backbone channel with a trainable class layer."""
+        return self.stage == "dense"
 
     @property
     def num_features(self) -> int:
@@ -79,39 +98,47 @@ class QSENNHead(nn.Module):
         self.fc = _create_fc(self.num_features, num_classes, device=self.mean.device, dtype=self.mean.dtype)
         self.fc.train(self.training)
         if self.stage == "ternary":
-            self._set_stage("selected")
+            self.stage = "selected"
 
     # -- forward -------------------------------------------------------------------------------------------
 
     def select_maps(self, x: Tensor) -> Tensor:
         """B x C x H x W backbone maps -> B x n_f x H x W maps of the selected features."""
-        if self.is_dense:
+        if self.stage == "dense":
             return x
         return x.index_select(1, self.selection)
 
     def normalize(self, features: Tensor) -> Tensor:
-        """(f - mean) / std over the last dimension (pooled features) or per location (maps)."""
-        if self.is_dense:
-            # Mean 0 and std 1, frozen until select(): skipping the identity saves a dense training step two
-            # elementwise ops and their backward.
+        """(f - mean) / std of B x n_f pooled features, as the class layer reads them (identity while dense)."""
+        if self.stage == "dense":
             return features
         # The reference clamps the learned std at 1e-6 so a dead feature cannot divide by zero.
-        mean, std = self.mean, self.std.clamp(min=1e-6)
-        if features.ndim == 4:
-            mean, std = mean[:, None, None], std[:, None, None]
-        return (features - mean) / std
+        return (features - self.mean) / self.std.clamp(min=1e-6)
+
+    def normalize_maps(self, maps: Tensor) -> Tensor:
+        """The normalisation of :meth:`normalize` applied at every location of B x n_f x H x W maps."""
+        if self.stage == "dense":
+            return maps
+        return (maps - self.mean[:, None, None]) / self.std.clamp(min=1e-6)[:, None, None]
 
     def classify(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """Pooled B x n_f features -> logits (or the normalised features with ``pre_logits``)."""
         x = self.normalize(self.drop(features))
         return x if pre_logits else self.fc(x)
 
+    @torch.jit.ignore
+    def forward_qsenn(self, x: Tensor) -> QSENNOutput:
+        """Logits plus the pooled features and the feature maps they come from (always pooled)."""
+        maps = self.select_maps(x)
+        features = maps.mean(dim=(2, 3))
+        return QSENNOutput(self.classify(features), features, maps)
+
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         maps = self.select_maps(x)
         if self.pool_type == "avg":
             return self.classify(maps.mean(dim=(2, 3)), pre_logits)
         # Without pooling the (linear) head runs per location: the maps average to the pooled logits.
-        x = self.normalize(self.drop(maps))
+        x = self.normalize_maps(self.drop(maps))
         if pre_logits or self.num_classes <= 0:
             return x
         return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -119,19 +146,22 @@ class QSENNHead(nn.Module):
     # -- moving through the stages --------------------------------------------------------------------------
 
     @torch.jit.ignore
-    def _set_stage(self, stage: str) -> None:
-        self.stage = stage
-        self.is_dense = stage == "dense"
-        if self.stage_id.device.type != "meta":
-            self.stage_id.fill_(STAGES.index(stage))
+    def _set_norm(self, mean: Tensor, std: Tensor, trainable: bool) -> None:
+        """Hold mean and std as buffers (dense) or as parameters (selected, ternary), with the given values."""
+        del self.mean, self.std
+        if self.stage == "dense":
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+        else:
+            self.mean = nn.Parameter(mean, requires_grad=trainable)
+            self.std = nn.Parameter(std, requires_grad=trainable)
 
     @torch.jit.ignore
-    def _resize(self, num_features: int) -> None:
+    def _resize(self, num_features: int, stage: str, norm_trainable: bool) -> None:
         dd = {"device": self.mean.device, "dtype": self.mean.dtype}
-        norm_trainable = self.mean.requires_grad
+        self.stage = stage
         self.selection = torch.zeros(num_features, dtype=torch.int64, device=self.selection.device)
-        self.mean = nn.Parameter(torch.zeros(num_features, **dd), requires_grad=norm_trainable)
-        self.std = nn.Parameter(torch.ones(num_features, **dd), requires_grad=norm_trainable)
+        self._set_norm(torch.zeros(num_features, **dd), torch.ones(num_features, **dd), norm_trainable)
         self.fc = _create_fc(num_features, self.num_classes, **dd)
         self.fc.train(self.training)
 
@@ -140,7 +170,7 @@ class QSENNHead(nn.Module):
         """Read only the given backbone channels; the head moves to the ``selected`` stage.
 
         Class-layer columns, mean and std of channels the head already read are carried over; new channels
-        start with zero weights, mean 0 and std 1. Mean and std become trainable.
+        start with zero weights, mean 0 and std 1. Mean and std become trainable parameters.
         """
         channels = torch.as_tensor(channels, dtype=torch.int64).flatten().cpu()
         if channels.numel() == 0:
@@ -164,16 +194,13 @@ class QSENNHead(nn.Module):
             if isinstance(self.fc, nn.Linear):
                 weight = self.fc.weight[:, old_pos] * present
                 bias = self.fc.bias.clone()
-            self._resize(channels.numel())
+            self._resize(channels.numel(), "selected", norm_trainable=True)
             self.selection.copy_(channels.to(self.selection.device))
             self.mean.copy_(mean)
             self.std.copy_(std)
             if weight is not None:
                 self.fc.weight.copy_(weight)
                 self.fc.bias.copy_(bias)
-        self.mean.requires_grad_(True)
-        self.std.requires_grad_(True)
-        self._set_stage("selected")
 
     @torch.jit.ignore
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
@@ -210,7 +237,7 @@ class QSENNHead(nn.Module):
             self.fc.weight.copy_(weight)
             self.fc.bias.copy_(bias)
         self.fc.requires_grad_(False)
-        self._set_stage("ternary" if ternary else "selected")
+        self.stage = "ternary" if ternary else "selected"
 
     @torch.jit.ignore
     def ternary_codes(self) -> tuple[Tensor, float]:
@@ -238,26 +265,25 @@ class QSENNHead(nn.Module):
         # Shape the head like the checkpoint (feature count, stage) before torch copies any value into it.
         unpack_layer(state_dict, prefix + "fc")
         selection = state_dict.get(prefix + "selection")
-        stage_id = state_dict.get(prefix + "stage_id")
-        resized = selection is not None and selection.shape[0] != self.num_features
-        if resized:
-            self._resize(selection.shape[0])
+        stage_id = state_dict.pop(prefix + _STAGE_KEY, None)
+        stage = self.stage
         if stage_id is not None:
             stage_index = int(stage_id)
             if not 0 <= stage_index < len(STAGES):
                 raise ValueError(f"checkpoint has unknown Q-SENN head stage id {stage_index}")
             stage = STAGES[stage_index]
-            fitted_layer = prefix + "fc.weight" in state_dict
-            # A class layer dropped for a new num_classes is fresh, so it is no longer ternary.
-            if stage == "ternary" and not fitted_layer:
-                stage = "selected"
-                state_dict[prefix + "stage_id"] = torch.tensor(STAGES.index(stage))
-            if stage != self.stage or resized:
-                # Trainability follows the stage; a reload into the same stage keeps the user's choices.
-                self._set_stage(stage)
-                self.mean.requires_grad_(stage != "dense")
-                self.std.requires_grad_(stage != "dense")
-                self.fc.requires_grad_(stage == "dense" or not fitted_layer)
+        elif strict:
+            missing_keys.append(prefix + _STAGE_KEY)
+        fitted_layer = prefix + "fc.weight" in state_dict
+        # A class layer dropped for a new num_classes is fresh, so it is no longer ternary.
+        if stage == "ternary" and not fitted_layer:
+            stage = "selected"
+        resized = selection is not None and selection.shape[0] != self.num_features
+        if stage != self.stage or resized:
+            # Trainability follows the stage; a reload into the same stage keeps the user's choices.
+            num_features = selection.shape[0] if selection is not None else self.num_features
+            self._resize(num_features, stage, norm_trainable=stage != "dense")
+            self.fc.requires_grad_(stage == "dense" or not fitted_layer)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -1,4 +1,5 @@
-"""Feature diversity loss of Q-SENN: makes the heavily weighted features of a prediction peak at different places."""
+"""The losses of Q-SENN training: the feature diversity loss, which makes the heavily weighted features of a
+prediction peak at different places, and the training loss (cross-entropy plus that loss)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["feature_diversity_loss", "FeatureDiversityLoss", "DEFAULT_DIVERSITY_WEIGHT"]
+from .head import QSENNOutput
+
+__all__ = ["feature_diversity_loss", "FeatureDiversityLoss", "qsenn_loss", "DEFAULT_DIVERSITY_WEIGHT"]
 
 DEFAULT_DIVERSITY_WEIGHT = 0.196
 
@@ -65,3 +68,14 @@ class FeatureDiversityLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"
+
+
+def qsenn_loss(
+    out: QSENNOutput, labels: Tensor, weight: Tensor, diversity_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, cross-entropy, diversity loss): cross-entropy plus the feature diversity loss on the maps."""
+    cross_entropy = F.cross_entropy(out.logits.float(), labels)
+    if not diversity_weight:
+        return cross_entropy, cross_entropy, torch.zeros((), device=cross_entropy.device)
+    diversity = feature_diversity_loss(out.feature_maps, out.logits, weight, diversity_weight)
+    return cross_entropy + diversity, cross_entropy, diversity

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import timm
+from safetensors import safe_open
 from timm.models import generate_default_cfgs
 from timm.models._pretrained import PretrainedCfg
 
 from .backbone import check_backbone_name
+from .head import STAGES
 
 __all__ = [
     "CURATED_BACKBONES",
@@ -30,7 +32,10 @@ __all__ = [
     "backbone_variant_cfg",
     "build_default_cfgs",
     "resolve_variant_cfg",
-    "uses_backbone_weights",
+    "CheckpointInfo",
+    "inspect_checkpoint",
+    "WeightsPlan",
+    "plan_weights",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -167,25 +172,94 @@ def build_default_cfgs() -> dict[str, Any]:
     return generate_default_cfgs({k: asdict(v) for k, v in cfgs.items()})
 
 
-def _file_holds_qsenn(path: str) -> bool:
-    """Whether a weights file already holds a Q-SENN model (keys under ``backbone.``) or only a backbone."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a weights file holds, read from its keys (and shapes) without loading its tensors."""
 
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        keys = list(timm.models.load_state_dict(path).keys())
-    return any(k.startswith("backbone.") for k in keys)
+    path: str
+    qsenn: bool  # a Q-SENN model (keys under ``backbone.``), or only a backbone
+    num_classes: int | None  # classes of its Q-SENN class layer, when it has one
+    stage: str | None  # the stage of its Q-SENN head ("dense", "selected", "ternary"), when it has one
 
 
-def uses_backbone_weights(cfg: PretrainedCfg, backbone_tag: bool) -> bool:
-    """Whether ``pretrained=True`` should load the backbone's own weights instead of a Q-SENN checkpoint."""
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Read a weights file's keys; a missing, corrupt or truncated file is a ValueError naming the file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a .safetensors or .pth file")
+    small = ("head.fc.weight_shape", "head.stage_id")  # tiny tensors whose values describe the model
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+                values = {k: f.get_tensor(k) for k in small if k in shapes}
+        else:
+            state = timm.models.load_state_dict(path)
+            shapes = {k: list(v.shape) for k, v in state.items()}
+            values = {k: state[k] for k in small if k in state}
+    except Exception as e:  # safetensors and torch.load raise their own types for every kind of damage
+        raise ValueError(
+            f"weights file {path} cannot be read ({type(e).__name__}: {e}); it is corrupt, truncated or not a "
+            "weights file: export or download it again"
+        ) from e
+    qsenn = any(k.startswith("backbone.") for k in shapes)
+    if "head.fc.weight_shape" in values:
+        shapes["head.fc.weight"] = values["head.fc.weight_shape"].tolist()
+    head = shapes.get("head.fc.weight")
+    stage_id = values.get("head.stage_id")
+    stage = STAGES[int(stage_id)] if qsenn and stage_id is not None and 0 <= int(stage_id) < len(STAGES) else None
+    return CheckpointInfo(path, qsenn, int(head[0]) if qsenn and head else None, stage)
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """Where a model's pretrained weights come from, decided once by :func:`plan_weights`."""
+
+    cfg: PretrainedCfg  # the variant's cfg, overlay applied
+    source: str  # "none", "backbone" (the backbone's own timm weights, fresh head) or "qsenn" (a Q-SENN checkpoint)
+    model_kwargs: dict[str, Any]  # the constructor kwargs, with the backbone's own loading filled in
+
+
+def plan_weights(
+    variant: str,
+    pretrained: bool,
+    kwargs: dict[str, Any],
+    pretrained_cfg: Any = None,
+    overlay: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> WeightsPlan:
+    """Decide where ``timm.create_model(variant, pretrained=..., **kwargs)`` takes its weights from.
+
+    A backbone tag (the default tag included) and a file holding only a backbone load the backbone's own timm
+    weights through its entrypoint (its checkpoint filters and input-conv adaption apply) and leave the head
+    fresh; a trained Q-SENN tag, a ``hf-hub:``/``local-dir:`` model and a file holding a Q-SENN model load the
+    whole model. A hub-config tag also fills the model kwargs it was trained with (``model_args``).
+    """
+    kwargs = dict(kwargs)
+    overlay = dict(overlay or {})
+    cfg, backbone_tag = resolve_variant_cfg(variant, pretrained_cfg, kwargs)
+    cfg = replace(cfg, architecture=variant, **overlay)
+    if not pretrained:
+        return WeightsPlan(cfg, "none", kwargs)
     if cfg.source in ("hf-hub", "local-dir") or cfg.state_dict is not None:
-        return False
+        return WeightsPlan(cfg, "qsenn", kwargs)
     if cfg.file:
-        return not _file_holds_qsenn(cfg.file)
-    return backbone_tag
+        backbone_weights = not inspect_checkpoint(cfg.file).qsenn
+    else:
+        backbone_weights = backbone_tag
+    if not backbone_weights:
+        return WeightsPlan(cfg, "qsenn", kwargs)
+    backbone = kwargs.get("backbone", "resnet50")
+    if variant != "qsenn" and cfg.tag and "." not in backbone:
+        backbone = f"{backbone}.{cfg.tag}"
+    backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
+    source_overlay = {k: v for k, v in overlay.items() if k in SOURCE_KEYS}
+    if source_overlay:
+        backbone_kwargs["pretrained_cfg_overlay"] = source_overlay
+    if cache_dir is not None:
+        backbone_kwargs["cache_dir"] = cache_dir
+    kwargs.update(backbone=backbone, pretrained_backbone=True, backbone_kwargs=backbone_kwargs)
+    return WeightsPlan(cfg, "backbone", kwargs)
 
 
 def resolve_variant_cfg(variant: str, pretrained_cfg: Any, kwargs: dict[str, Any]) -> tuple[PretrainedCfg, bool]:

@@ -6,26 +6,21 @@ name, so ``timm.list_models(module='qsenn')`` lists exactly the models registere
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import replace
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from .backbone import create_backbone
-from .head import QSENNHead
-from .pretrained import (
-    CURATED_BACKBONES,
-    HUB_CONFIGS_ENV,
-    SOURCE_KEYS,
-    build_default_cfgs,
-    resolve_variant_cfg,
-    uses_backbone_weights,
-)
+from .head import QSENNHead, QSENNOutput
+from .pretrained import CURATED_BACKBONES, HUB_CONFIGS_ENV, build_default_cfgs, plan_weights
 from .ternary import unpack_layer
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "QSENN",
@@ -34,14 +29,6 @@ __all__ = [
     "CURATED_BACKBONES",
     "HUB_CONFIGS_ENV",
 ]
-
-
-class QSENNOutput(NamedTuple):
-    """Everything a Q-SENN forward computes: the trainer, the loss, metrics and explanations read this."""
-
-    logits: Tensor  # B x num_classes
-    features: Tensor  # B x n_f pooled feature activations, before dropout and normalisation
-    feature_maps: Tensor  # B x n_f x H x W maps of the features the class layer reads
 
 
 class QSENN(nn.Module):
@@ -183,9 +170,7 @@ class QSENN(nn.Module):
     @torch.jit.ignore
     def forward_qsenn(self, x: Tensor) -> QSENNOutput:
         """Logits plus the pooled features and feature maps they were computed from (always pooled)."""
-        maps = self.head.select_maps(self.forward_features(x))
-        features = maps.mean(dim=(2, 3))
-        return QSENNOutput(self.head.classify(features), features, maps)
+        return self.head.forward_qsenn(self.forward_features(x))
 
 
 def _prefix_pattern(pattern: str) -> str:
@@ -208,7 +193,8 @@ def _prefixed_matcher_fn(matcher: Any, name: str) -> Any:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: QSENN) -> dict[str, Tensor]:
-    """Prepare a Q-SENN checkpoint for ``load_state_dict``: unpack the compact ternary layer, check the format."""
+    """Prepare a Q-SENN checkpoint for ``load_state_dict``: unpack the compact ternary layer, check the format,
+    and leave out a class layer trained for another number of classes (the features and selection stay)."""
     state_dict = dict(state_dict)
     if not any(k.startswith("backbone.") for k in state_dict):
         raise ValueError(
@@ -216,7 +202,25 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: QSENN) -> dict[st
             f"use timm.create_model('{model.backbone_name}_qsenn', pretrained=True, "
             "pretrained_cfg_overlay=dict(file=...)) with a backbone tag, or load it into model.backbone"
         )
-    return unpack_layer(state_dict, "head.fc")
+    state_dict = unpack_layer(state_dict, "head.fc")
+    # timm loads non-strictly when it drops a classifier, so check the backbone here: a checkpoint of another
+    # backbone must not load halfway.
+    own = {k for k in model.state_dict() if k.startswith("backbone.")}
+    given = {k for k in state_dict if k.startswith("backbone.")}
+    if own != given:
+        raise ValueError(
+            f"checkpoint does not fit the backbone {model.backbone_name}: missing {sorted(own - given)[:3]}, "
+            f"unexpected {sorted(given - own)[:3]}; it holds another backbone (or other backbone_kwargs)"
+        )
+    bias = state_dict.get("head.fc.bias")
+    if bias is not None and bias.shape[0] != model.num_classes:
+        _logger.info(
+            "the checkpoint's class layer has %d classes, the model %d: its class layer is fresh, its features stay",
+            bias.shape[0],
+            model.num_classes,
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.fc.")}
+    return state_dict
 
 
 # Read by timm's register_model when each entrypoint below is defined, so it must exist first.
@@ -224,33 +228,23 @@ default_cfgs = build_default_cfgs()
 
 
 def _create_qsenn(variant: str, pretrained: bool = False, **kwargs: Any) -> QSENN:
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
     cache_dir = kwargs.pop("cache_dir", None)
-    cfg, backbone_tag = resolve_variant_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs)
-    cfg = replace(cfg, architecture=variant, **overlay)
-
-    from_backbone = pretrained and uses_backbone_weights(cfg, backbone_tag)
-    if from_backbone:
-        # The backbone's own entrypoint loads its weights: its checkpoint filters and input-conv adaption apply.
-        backbone = kwargs.get("backbone", "resnet50")
-        if variant != "qsenn" and cfg.tag and "." not in backbone:
-            backbone = f"{backbone}.{cfg.tag}"
-        backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
-        backbone_overlay = {k: v for k, v in overlay.items() if k in SOURCE_KEYS}
-        if backbone_overlay:
-            backbone_kwargs["pretrained_cfg_overlay"] = backbone_overlay
-        if cache_dir is not None:
-            backbone_kwargs["cache_dir"] = cache_dir
-        kwargs.update(backbone=backbone, pretrained_backbone=True, backbone_kwargs=backbone_kwargs)
-
+    plan = plan_weights(
+        variant,
+        pretrained,
+        kwargs,
+        pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+        overlay=kwargs.pop("pretrained_cfg_overlay", None),
+        cache_dir=cache_dir,
+    )
     model = build_model_with_cfg(
         QSENN,
         variant,
-        pretrained and not from_backbone,
-        pretrained_cfg=cfg,
+        plan.source == "qsenn",
+        pretrained_cfg=plan.cfg,
         pretrained_filter_fn=checkpoint_filter_fn,
         cache_dir=cache_dir,
-        **kwargs,
+        **plan.model_kwargs,
     )
     if model.pretrained_cfg.get("pool_size") is None:
         # Token backbones have no pool size in their cfg: it is the feature grid at the default input size.

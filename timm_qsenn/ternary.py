@@ -7,6 +7,8 @@ kept under one global budget, every kept weight becomes ``+a`` or ``-a`` with on
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +73,8 @@ def quantize_ternary(
 
     Args:
         weight: C x F real weights, usually the weakest-regularised solution of the elastic-net path.
-        n_per_class: average number of weights per class; the global budget is ``K = n_per_class * C``.
+        n_per_class: average number of weights per class; the global budget is ``K = floor(n_per_class * C)``,
+            as in the reference (computed so that float representation cannot cost a weight: 0.29 x 100 keeps 29).
         exact_per_class: keep exactly ``n_per_class`` weights in every class (QPM-style) instead of a global
             budget. Every class then needs at least that many non-zero weights.
         binary: keep only positive weights, giving assignments in {0, a} (QPM-style non-negative layer).
@@ -117,7 +120,15 @@ def quantize_ternary(
         keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(1, top.indices, True)
         threshold = float(top.values[:, -1].min())
     else:
-        budget = int(round(n_per_class * num_classes))
+        # A hair above the product, so that e.g. 0.29 * 100 = 28.999999999999996 floors to 29.
+        budget = math.floor(n_per_class * num_classes + 1e-9)
+        if budget >= num_classes * num_features:
+            warnings.warn(
+                f"the budget of {budget} weights (n_per_class={n_per_class} x {num_classes} classes) is at least the "
+                f"{num_classes * num_features} weights of a {num_classes} x {num_features} layer: every non-zero "
+                "weight is kept; lower n_per_class or select more features",
+                stacklevel=2,
+            )
         if budget < 1:
             raise ValueError(
                 f"impossible budget: n_per_class={n_per_class} with {num_classes} classes keeps no weight; "

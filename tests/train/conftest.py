@@ -1,10 +1,15 @@
 """A tiny, learnable image dataset and the config of a seconds-long Q-SENN run on it."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
+
+from timm_qsenn.train import QSENNTrainer, load_config
 
 CLASSES = 4
 
@@ -56,3 +61,24 @@ def tiny_overrides(root: Path, output: Path, backbone: str = "test_resnet") -> l
         "run.eval_every=0",
         f"run.output={output}",
     ]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights of the checkpoint that the run's state.json commits to."""
+    folder = json.loads((run / "state.json").read_text())["checkpoint"]["folder"]
+    return load_file(str(run / "checkpoints" / folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(toy_folder, tmp_path_factory):
+    """An uninterrupted tiny run, checkpointed every step: the reference for resumed and failed runs."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    config = load_config(overrides=tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"])
+    # The killed and resumed runs below run with OMP_NUM_THREADS=1; CPU kernels sum in a thread-dependent order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = QSENNTrainer(config).run()
+    finally:
+        torch.set_num_threads(threads)
+    return output, summary

@@ -16,27 +16,9 @@ from safetensors.torch import load_file, save_file
 from timm_qsenn.hub import load_model
 from timm_qsenn.train import QSENNTrainer, RunExistsError, load_config
 
-from .conftest import CLASSES, tiny_overrides
+from .conftest import CLASSES, final_weights, tiny_overrides
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(toy_folder, tmp_path_factory):
-    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    config = load_config(overrides=tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"])
-    # The killed and resumed runs below run with OMP_NUM_THREADS=1; CPU kernels sum in a thread-dependent order.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = QSENNTrainer(config).run()
-    finally:
-        torch.set_num_threads(threads)
-    return output, summary
 
 
 def test_end_to_end_gives_a_ternary_head_that_learned(finished_run):
@@ -99,7 +81,7 @@ def test_killed_run_resumes_to_identical_weights(finished_run, toy_folder, tmp_p
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming the run" in out and killed_at["phase"] in out
-    expected, actual = _final_weights(reference), _final_weights(output)
+    expected, actual = final_weights(reference), final_weights(output)
     assert expected.keys() == actual.keys()
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert not different, f"resumed run differs in {different[:5]}"
@@ -174,7 +156,7 @@ def test_two_processes_match_one(toy_folder, tmp_path):
             same_codes = False  # a weight tied at the threshold went the other way: later phases may differ
             break
     if same_codes:
-        finals = [_final_weights(tmp_path / name) for name in ("one", "two")]
+        finals = [final_weights(tmp_path / name) for name in ("one", "two")]
         for key, value in finals[0].items():
             if value.is_floating_point():
                 assert _relative_difference(value, finals[1][key]) <= TRAINED_RTOL, key
@@ -268,12 +250,12 @@ def test_from_pretrained_skips_the_dense_phase(finished_run, toy_folder, tmp_pat
 
 
 def test_a_dense_model_near_chance_is_warned_about(caplog):
-    from timm_qsenn.train.pipeline import _warn_if_near_chance
+    from timm_qsenn.train.summary import warn_if_near_chance
 
-    with caplog.at_level("WARNING", logger="timm_qsenn.train.pipeline"):
-        _warn_if_near_chance(0.12, 10)
+    with caplog.at_level("WARNING", logger="timm_qsenn.train.summary"):
+        warn_if_near_chance(0.12, 10)
         assert "close to chance (10.0 %)" in caplog.text
         caplog.clear()
-        _warn_if_near_chance(0.5, 10)
-        _warn_if_near_chance(None, 10)
+        warn_if_near_chance(0.5, 10)
+        warn_if_near_chance(None, 10)
         assert not caplog.text

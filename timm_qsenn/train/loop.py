@@ -7,16 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..losses import feature_diversity_loss
-from ..qsenn import QSENN, QSENNOutput
+from .._utils import eval_mode, forward_batches, gather
+from ..losses import qsenn_loss
+from ..qsenn import QSENN
 
-__all__ = ["TrainModule", "EpochStats", "qsenn_loss", "train_epoch", "evaluate_accuracy"]
+__all__ = ["TrainModule", "EpochStats", "train_epoch", "evaluate_accuracy"]
 
 
 class TrainModule(nn.Module):
@@ -35,17 +35,6 @@ class TrainModule(nn.Module):
         """(loss, cross-entropy, diversity loss) of a batch."""
         out = self.model.forward_qsenn(images)
         return qsenn_loss(out, labels, self.model.head.fc.weight, self.diversity_weight)
-
-
-def qsenn_loss(
-    out: QSENNOutput, labels: torch.Tensor, weight: torch.Tensor, diversity_weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, cross-entropy, diversity loss): cross-entropy plus the feature diversity loss on the maps."""
-    cross_entropy = F.cross_entropy(out.logits.float(), labels)
-    if not diversity_weight:
-        return cross_entropy, cross_entropy, torch.zeros((), device=cross_entropy.device)
-    diversity = feature_diversity_loss(out.feature_maps, out.logits, weight, diversity_weight)
-    return cross_entropy + diversity, cross_entropy, diversity
 
 
 @dataclass
@@ -81,8 +70,6 @@ def train_epoch(
     """
     model = accelerator.unwrap_model(module).model
     module.train()
-    # Accumulation windows restart at every epoch, so a run resumed mid-epoch steps where the original did.
-    accelerator.step = 0
     sums = torch.zeros(3, device=accelerator.device)
     seen = 0
     updates = 0
@@ -139,14 +126,13 @@ def _check_finite(loss: torch.Tensor, batch: int, desc: str) -> None:
 @torch.no_grad()
 def evaluate_accuracy(accelerator: Accelerator, model: QSENN, loader, desc: str = "evaluate") -> float:
     """Top-1 accuracy (a fraction) over a prepared loader, every image counted once across processes."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for images, labels in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        with accelerator.autocast():
-            predictions = model(images).argmax(dim=1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
-        correct += int((predictions == labels).sum())
-        total += labels.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        batches = forward_batches(
+            model, loader, device=accelerator.device, accelerator=accelerator, progress=True, desc=desc
+        )
+        for out, labels in batches:
+            predictions, labels = gather(accelerator, (out.logits.argmax(dim=1), labels))
+            correct += int((predictions == labels).sum())
+            total += labels.numel()
     return correct / max(total, 1)

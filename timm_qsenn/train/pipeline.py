@@ -1,76 +1,49 @@
 """The Q-SENN pipeline in order: dense training, then per iteration features -> sparse fit -> quantisation ->
 fine-tuning with the frozen ternary layer, then the final evaluation and save. Resumable inside every phase.
 
-A run lives in one folder::
+A run lives in one folder (see :mod:`timm_qsenn.train.run_folder` for the lock, the state and the checkpoints)::
 
-    config.yaml        the resolved config; a different config in the folder is refused (another run)
-    state.json         progress: last checkpoint (phase, epoch, batch), results, seconds per phase
-    checkpoints/last/  Accelerate state (model, optimizer, RNG) + trainer.pt (scheduler, EMA)
+    config.yaml, state.json, checkpoints/<n>/   the run itself; state.json names its checkpoint
     features/          cached pooled features, keyed by content
     sparse/            each iteration's sparse fit: selection, path solution, ternary layer, threshold
     logs/              trackers (TensorBoard by default)
     model/             the trained Q-SENN model in timm's Hub layout (see ``timm_qsenn.hub``)
-    summary.json       dense vs Q-SENN accuracy, features, weights per class, metrics, seconds per phase
+    summary.json       dense vs Q-SENN accuracy, features, weights per class, metrics, seconds, environment
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from .._utils import flatten_dict
+from .._utils import atomic_write, atomic_write_text, environment
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
 from .data import DataBundle, build_datasets, eval_loader, train_loader
+from .distributed import on_every, on_main
 from .loop import TrainModule, evaluate_accuracy, train_epoch
+from .run_folder import RunExistsError, RunFolder, RunState
+from .setup import build_accelerator, build_model, check_sparse_settings, describe_data
+from .summary import tracker_config, warn_if_near_chance
 
-__all__ = ["RunState", "QSENNTrainer", "RunExistsError", "format_summary"]
+__all__ = ["QSENNTrainer"]
 
 _logger = logging.getLogger(__name__)
 
-
-class RunExistsError(FileExistsError):
-    """The output folder holds another run, or a finished one."""
-
-
-@dataclass
-class RunState:
-    """Progress of a run, persisted in ``state.json`` after every checkpoint."""
-
-    fingerprint: str
-    checkpoint: dict[str, Any] | None = None  # {"phase", "epoch", "batch", "updates"}: what runs next
-    results: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    finished: bool = False
-
-    @classmethod
-    def load(cls, path: Path) -> RunState:
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:
-            raise RunExistsError(
-                f"{path} is corrupt ({e}); the run in {path.parent} cannot be resumed: pass --overwrite to train "
-                "again, or choose another run.output"
-            ) from e
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+_TRAINER_STATE = "trainer.json"
+_EMA_WEIGHTS = "ema.safetensors"
 
 
 def _phases(config: TrainConfig) -> list[str]:
@@ -85,87 +58,72 @@ class QSENNTrainer:
     def __init__(self, config: TrainConfig, overwrite: bool = False, accelerator: Accelerator | None = None):
         self.config = config
         self.run_dir = Path(config.run.output)
+        self.folder = RunFolder(self.run_dir)
         self.overwrite = overwrite
         self.accelerator = accelerator
         self.state: RunState | None = None
 
     # -- the run folder ------------------------------------------------------------------------------------
 
-    def _claim_run_dir(self) -> RunState:
-        """Start or resume the run in ``run_dir``; refuse a folder holding another or a finished run."""
-        config_path, state_path = self.run_dir / "config.yaml", self.run_dir / "state.json"
-        fingerprint = self.config.fingerprint()
-        if state_path.exists() and not self.overwrite:
-            state = RunState.load(state_path)
-            if state.fingerprint != fingerprint:
-                differing = self.config.differences(load_config(config_path)) if config_path.exists() else []
-                raise RunExistsError(
-                    f"{self.run_dir} holds another run (config differs in: {', '.join(differing) or 'unknown'}); "
-                    "choose another run.output, or pass --overwrite to replace it"
-                )
-            if state.finished:
-                raise RunExistsError(
-                    f"{self.run_dir} holds a finished run (summary in {self.run_dir / 'summary.json'}); "
-                    "choose another run.output, or pass --overwrite to train it again"
-                )
-            _logger.info("resuming the run in %s from %s", self.run_dir, state.checkpoint or "its start")
-            return state
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.overwrite:
+    def _check_resumable(self, state: RunState | None) -> RunState | None:
+        """The state to resume, None for a new run; a folder holding another or a finished run is refused."""
+        if self.overwrite:
+            if self.folder.is_foreign():
+                _logger.warning("--overwrite: clearing %s, which holds files that are not a run", self.run_dir)
+            return None
+        if state is None:
+            if self.folder.is_foreign():
                 raise RunExistsError(
                     f"{self.run_dir} is not empty and holds no timm_qsenn run; choose another run.output "
                     "or pass --overwrite to clear it"
                 )
-            if self._is_main:
-                shutil.rmtree(self.run_dir)
-        self._wait()
-        if self._is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(self.config.to_yaml())
-            RunState(fingerprint).save(state_path)
-        self._wait()
-        return RunState(fingerprint)
+            return None
+        if state.fingerprint != self.config.fingerprint():
+            differing = self.config.differences(load_config(self.folder.config_path)) if self.folder.holds_run() else []
+            raise RunExistsError(
+                f"{self.run_dir} holds another run (config differs in: {', '.join(differing) or 'unknown'}); "
+                "choose another run.output, or pass --overwrite to replace it"
+            )
+        if state.finished:
+            raise RunExistsError(
+                f"{self.run_dir} holds a finished run (summary in {self.run_dir / 'summary.json'}); "
+                "choose another run.output, or pass --overwrite to train it again"
+            )
+        return state
 
-    def _existing_checkpoint(self) -> bool:
-        """Whether ``run_dir`` holds a resumable checkpoint of this very config (read-only peek)."""
-        state_path = self.run_dir / "state.json"
-        if self.overwrite or not state_path.exists():
-            return False
-        state = RunState.load(state_path)
-        return state.fingerprint == self.config.fingerprint() and state.checkpoint is not None
+    def _first_look(self) -> RunState | None:
+        """The state a run would resume, read without writing anything: a folder in use, holding another or a
+        finished run, or foreign files is refused here, before any work is done."""
+        self.folder.lock.check_free()
+        return self._check_resumable(None if self.overwrite else self.folder.read_state())
 
-    @property
-    def _is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+    def _claim_run_dir(self) -> RunState:
+        """Lock the run folder and start or resume the run in it (the main process writes, all get the state)."""
 
-    def _wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        def claim() -> RunState:
+            self.folder.lock.acquire()
+            try:
+                # Read again under the lock: another run may have written the folder since the first look.
+                state = self._check_resumable(None if self.overwrite else self.folder.read_state())
+                if state is not None:
+                    self.folder.remove_stale(state)  # a checkpoint a crash left half-made or unnamed
+                    _logger.info("resuming the run in %s from %s", self.run_dir, state.checkpoint or "its start")
+                    return state
+                if self.overwrite and self.run_dir.is_dir():
+                    self.folder.clear()
+                state = RunState(self.config.fingerprint())
+                self.folder.start(state, self.config.to_yaml())
+                return state
+            except BaseException:
+                self.folder.lock.release()
+                raise
+
+        return on_main(self.accelerator, claim)
 
     def _save_state(self) -> None:
-        if self._is_main:
-            self.state.save(self.run_dir / "state.json")
-        self._wait()
+        on_main(self.accelerator, lambda: self.folder.write_state(self.state))
 
     # -- setup ---------------------------------------------------------------------------------------------
-
-    def _setup(self) -> None:
-        cfg = self.config
-        if self.accelerator is None:
-            trackers = list(cfg.run.log_with)
-            if "tensorboard" in trackers:
-                from accelerate.utils import is_tensorboard_available
-
-                if not is_tensorboard_available():
-                    _logger.warning("tensorboard is not installed; training runs without it (pip install tensorboard)")
-                    trackers.remove("tensorboard")
-            self.accelerator = Accelerator(
-                mixed_precision=cfg.run.mixed_precision,
-                gradient_accumulation_steps=cfg.run.grad_accum,
-                log_with=trackers or None,
-                project_dir=str(self.run_dir / "logs"),
-            )
-        set_seed(cfg.run.seed)
 
     def _build_data(self, backbone_cfg: dict[str, Any]) -> None:
         cfg = self.config
@@ -177,100 +135,52 @@ class QSENNTrainer:
         self.train_eval_loader = acc.prepare_data_loader(eval_loader(self.data.train_eval, cfg.data))
         self.test_loader = acc.prepare_data_loader(eval_loader(self.data.test, cfg.data))
 
-    def _build_model(self, num_classes: int, load_pretrained: bool) -> QSENN:
-        cfg = self.config
-        arch = cfg.model.backbone.split(".", 1)[0]
-        name, kwargs = f"{arch}_qsenn", {}
-        if not timm.is_model(name):
-            name, kwargs = "qsenn", {"backbone": cfg.model.backbone}
-        elif "." in cfg.model.backbone:
-            name = f"{name}.{cfg.model.backbone.split('.', 1)[1]}"
-        overlay = {"file": cfg.model.pretrained_file} if cfg.model.pretrained_file else None
-        model = timm.create_model(
-            name,
-            pretrained=load_pretrained and (cfg.model.pretrained or bool(overlay)),
-            pretrained_cfg_overlay=overlay,
-            num_classes=num_classes,
-            drop_rate=cfg.dense.drop_rate,
-            backbone_kwargs=cfg.model.backbone_kwargs or None,
-            **kwargs,
-        )
-        return model
-
-    def _describe_data(self, model: QSENN) -> None:
-        """Record the dataset's input pipeline in the model's pretrained cfg, as timm's scripts read it."""
-        size = self.config.data.img_size
-        model.pretrained_cfg.update(
-            input_size=(model.in_chans, size, size),
-            mean=self.data.mean,
-            std=self.data.std,
-            interpolation="bilinear",
-            crop_pct=1.0,
-            crop_mode="squash" if self.config.data.crop_gt else "center",
-            num_classes=self.data.num_classes,
-            label_names=self.data.classes,
-            test_input_size=None,
-            test_crop_pct=None,
-            fixed_input_size=False,
-        )
-
-    def _load_from_pretrained(self, model: QSENN, source: str) -> bool:
-        """Load a trained backbone (and its head where it fits); returns whether a trained head came with it."""
-        path = Path(source)
-        if path.is_dir():
-            from ..hub import load_model
-
-            state = load_model(str(path)).state_dict()
-        elif path.is_file():
-            state = timm.models.load_state_dict(str(path))
-        else:
-            raise FileNotFoundError(f"run.from_pretrained {source!r} is neither a model folder nor a weights file")
-        if not any(k.startswith("backbone.") for k in state):
-            model.backbone.load_state_dict(state)
-            _logger.info("started from the backbone weights in %s; the dense phase is skipped", source)
-            return False
-        own = model.state_dict()
-        head_fits = all(state.get(k, own[k]).shape == own[k].shape for k in ("head.fc.weight", "head.fc.bias"))
-        if not head_fits:  # trained for other classes: keep its features, not its class layer
-            state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("head.fc.")]:
-            raise ValueError(
-                f"{source} does not fit backbone {self.config.model.backbone}: unexpected {unexpected[:5]}, "
-                f"missing {missing[:5]}"
-            )
-        _logger.info("started from %s; the dense phase is skipped", source)
-        return head_fits
-
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def _checkpoint(self, phase: str, epoch: int, batch: int, updates: int, scheduler, ema) -> None:
-        """Write the checkpoint atomically (tmp, then swap), then record it in state.json."""
+        """Write a checkpoint and commit it: the state names it only once every file of it is on disk."""
         acc = self.accelerator
-        root = self.run_dir / "checkpoints"
-        tmp, last, old = root / "tmp", root / "last", root / "old"
-        if self._is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._wait()
-        acc.save_state(str(tmp))
-        self._wait()  # every process has written its RNG state before the folder is swapped in
-        if self._is_main:
-            extra = {"scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None}
-            torch.save(extra, tmp / "trainer.pt")
-            shutil.rmtree(old, ignore_errors=True)
-            if last.exists():
-                last.rename(old)
-            tmp.rename(last)
-            shutil.rmtree(old, ignore_errors=True)
+        partial = on_main(self.accelerator, lambda: self.folder.next_partial(self.state))
         self._add_seconds(phase)
-        self.state.checkpoint = {"phase": phase, "epoch": epoch, "batch": batch, "updates": updates}
-        self._save_state()
+        info = {"phase": phase, "epoch": epoch, "batch": batch, "updates": updates}
+
+        def commit() -> None:
+            trainer = {"format": "timm_qsenn.trainer", "version": 1, "scheduler": scheduler.state_dict()}
+            atomic_write_text(partial / _TRAINER_STATE, json.dumps(trainer, indent=1) + "\n")
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(partial / _EMA_WEIGHTS))
+            self.folder.commit(self.state, partial, info)
+
+        try:
+            on_every(self.accelerator, lambda: acc.save_state(str(partial)))
+            on_main(self.accelerator, commit)
+        except OSError as e:
+            on_main(self.accelerator, lambda: self.folder.discard(partial))
+            last = self.state.checkpoint
+            where = f"phase {last['phase']}, epoch {last['epoch']}, batch {last['batch']}" if last else "its start"
+            raise OSError(
+                e.errno,
+                f"could not write the checkpoint {partial} ({e.strerror or e}); the run keeps its previous "
+                f"checkpoint ({where}) and resumes from it: free disk space or make the folder writable, then run "
+                "the same command again",
+            ) from e
+
+    def _checkpoint_dir(self) -> Path:
+        return self.folder.checkpoint_folder(self.state)
 
     def _restore_model(self, model: QSENN) -> None:
         """Load the checkpointed weights; this also reshapes the head to the checkpoint's stage."""
-        weights = self.run_dir / "checkpoints" / "last" / "model.safetensors"
+        weights = self._checkpoint_dir() / "model.safetensors"
         state = {k.removeprefix("model."): v for k, v in load_file(str(weights)).items()}
         model.load_state_dict(state)
+
+    def _restore_trainer(self, scheduler, ema) -> None:
+        """The scheduler and EMA of the committed checkpoint (JSON and safetensors, no pickle)."""
+        folder = self._checkpoint_dir()
+        trainer = json.loads((folder / _TRAINER_STATE).read_text())
+        scheduler.load_state_dict(trainer["scheduler"])
+        if ema is not None and (folder / _EMA_WEIGHTS).is_file():
+            ema.load_state_dict(load_file(str(folder / _EMA_WEIGHTS)))
 
     def _add_seconds(self, phase: str) -> None:
         now = time.perf_counter()
@@ -311,12 +221,8 @@ class QSENNTrainer:
         acc.free_memory()
         module, optimizer = acc.prepare(TrainModule(model, optim.diversity_weight), optimizer)
         if resume is not None:
-            ckpt = self.run_dir / "checkpoints" / "last"
-            acc.load_state(str(ckpt))
-            extra = torch.load(ckpt / "trainer.pt", weights_only=False)
-            scheduler.load_state_dict(extra["scheduler"])
-            if ema is not None and extra["ema"] is not None:
-                ema.load_state_dict(extra["ema"])
+            acc.load_state(str(self._checkpoint_dir()))
+            self._restore_trainer(scheduler, ema)
             epoch, batch, updates = resume["epoch"], resume["batch"], resume["updates"]
         else:
             epoch, batch, updates = 0, 0, 0
@@ -328,14 +234,15 @@ class QSENNTrainer:
                 self._checkpoint(phase, epoch, batches_done, num_updates, scheduler, ema)
 
         while epoch < epochs:
-            batch_size = cfg.data.batch_size * acc.num_processes
-            self.sampler.start_epoch(epoch, skip=batch * batch_size)
+            self.sampler.start_epoch(epoch)
             self.augmentation.epoch = epoch
-            self._epoch_batches = batch + len(self.train_loader)
+            # A run resumed inside the epoch skips the batches it trained on (their indices, not their data).
+            loader = acc.skip_first_batches(self.train_loader, batch) if batch else self.train_loader
+            self._epoch_batches = batch + len(loader)
             stats = train_epoch(
                 acc,
                 module,
-                self.train_loader,
+                loader,
                 optimizer,
                 scheduler,
                 num_updates=updates,
@@ -382,10 +289,11 @@ class QSENNTrainer:
             cache_dir=self.run_dir / "features",
             show_progress=acc.is_local_main_process,
         )
-        result = [None]
-        if acc.is_main_process:
-            sc = cfg.sparse
-            result[0] = sparsify(
+        sc = cfg.sparse
+
+        def fit() -> Any:
+            # Solved once, on the main process, and broadcast: every process installs the same head.
+            sparse = sparsify(
                 features.features,
                 features.labels,
                 n_features=sc.n_features,
@@ -403,9 +311,10 @@ class QSENNTrainer:
                 dtype=getattr(torch, sc.dtype),
                 progress=acc.is_local_main_process,
             )
-        sparse = broadcast_object_list(result, from_process=0)[0]
-        if acc.is_main_process:
             _save_sparse_fit(sparse, self.run_dir / "sparse" / f"iteration_{iteration}.safetensors")
+            return sparse
+
+        sparse = on_main(self.accelerator, fit)
         head = model.head
         head.select(sparse.selection)
         head.set_normalization(sparse.mean.to(head.mean), sparse.std.to(head.std))
@@ -429,32 +338,38 @@ class QSENNTrainer:
     def run(self) -> dict[str, Any]:
         """Train (or resume) the whole pipeline; returns the summary also written to ``summary.json``."""
         cfg = self.config
-        self._setup()
-        # Everything that can be checked is checked before the run folder is claimed: a wrong dataset path
-        # or feature count must not leave a run behind that the corrected command would refuse to replace.
-        existing = self._existing_checkpoint()
+        if self.accelerator is None:
+            self.accelerator = build_accelerator(cfg)
+        set_seed(cfg.run.seed)
+        # Everything that can be checked is checked before the run folder is touched: a wrong dataset path, a
+        # corrupt weights file or a feature count the backbone lacks must not leave a run behind that the
+        # corrected command would refuse to replace. This first look at the folder only reads.
+        state = on_main(self.accelerator, self._first_look)
+        resuming = state is not None and state.checkpoint is not None
         backbone_cfg = timm.get_pretrained_cfg(cfg.model.backbone.split(".", 1)[0])
         backbone_cfg = backbone_cfg.to_dict() if backbone_cfg is not None else {}
         self._build_data(backbone_cfg)
-        model = self._build_model(self.data.num_classes, load_pretrained=not existing)
-        if cfg.sparse.n_features > model.num_features:
-            raise ValueError(
-                f"sparse.n_features={cfg.sparse.n_features} exceeds the {model.num_features} channels of backbone "
-                f"{cfg.model.backbone}; choose sparse.n_features <= {model.num_features}"
-            )
-        self._describe_data(model)
+        model, head_trained = build_model(cfg, self.data.num_classes, load_pretrained=not resuming)
+        check_sparse_settings(cfg, model, self.data.num_classes)
+        describe_data(model, cfg, self.data)
         self.state = self._claim_run_dir()
-        acc = self.accelerator
+        try:
+            return self._run_phases(model, head_trained)
+        finally:
+            # Local, not collective: the process group may be gone (end_training) or broken by the error.
+            if self.accelerator.is_main_process:
+                self.folder.lock.release()
+
+    def _run_phases(self, model: QSENN, head_trained: bool) -> dict[str, Any]:
+        cfg, acc = self.config, self.accelerator
         if acc.is_main_process and acc.log_with:
-            acc.init_trackers("qsenn", config=_scalars(cfg.to_dict()))
+            acc.init_trackers("qsenn", config=tracker_config(cfg.to_dict()))
         resuming = self.state.checkpoint is not None
         phases = _phases(cfg)
         if resuming:
             self._restore_model(model)
-        elif cfg.run.from_pretrained:
-            self.state.results["dense_head_trained"] = self._load_from_pretrained(model, cfg.run.from_pretrained)
         else:
-            self.state.results["dense_head_trained"] = "dense" in phases
+            self.state.results["dense_head_trained"] = "dense" in phases or head_trained
         model.to(acc.device)
         if cfg.run.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -467,7 +382,7 @@ class QSENNTrainer:
         if resume_complete:
             # Between phases nothing is prepared: this restores the random states the finished phase left.
             acc.free_memory()
-            acc.load_state(str(self.run_dir / "checkpoints" / "last"))
+            acc.load_state(str(self._checkpoint_dir()))
         for index, phase in enumerate(phases):
             if index < done or (index == done and resume_complete):
                 continue
@@ -481,7 +396,7 @@ class QSENNTrainer:
                 self.state.results["dense_accuracy"] = (
                     evaluate_accuracy(acc, model, self.test_loader, "dense test") if trained else None
                 )
-                _warn_if_near_chance(self.state.results["dense_accuracy"], self.data.num_classes)
+                warn_if_near_chance(self.state.results["dense_accuracy"], self.data.num_classes)
             if not inside:
                 self._sparsify(model, iteration)
             ft = cfg.finetune
@@ -520,7 +435,9 @@ class QSENNTrainer:
             "test_images": len(self.data.test),
             "processes": acc.num_processes,
         }
-        if acc.is_main_process:
+        summary["environment"] = environment(acc.device)
+
+        def save() -> None:
             save_pretrained(
                 acc.unwrap_model(model),
                 self.run_dir / "model",
@@ -530,12 +447,23 @@ class QSENNTrainer:
                 dataset=cfg.data.dataset,
                 overwrite=True,
             )
-        self._add_seconds("final")
-        summary["seconds"] = {**self.state.seconds, "total": sum(self.state.seconds.values())}
-        self.state.finished = True
-        if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self._save_state()
+            self._add_seconds("final")
+            summary["seconds"] = {**self.state.seconds, "total": sum(self.state.seconds.values())}
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            # Finished only once the model and the summary are on disk: a failure above leaves a resumable run.
+            self.state.finished = True
+            self.folder.write_state(self.state)
+            return summary
+
+        try:
+            summary = on_main(self.accelerator, save)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"could not save the trained model in {self.run_dir / 'model'} ({e.strerror or e}); the run keeps "
+                "its last checkpoint and finishes from it: free disk space or make the folder writable, then run "
+                "the same command again",
+            ) from e
         acc.end_training()
         return summary
 
@@ -547,61 +475,4 @@ def _save_sparse_fit(sparse: Any, path: Path) -> None:
         for name in ("selection", "mean", "std", "weight", "bias", "dense_weight", "dense_bias", "lambdas", "nnz")
     }
     metadata = {"threshold": repr(sparse.threshold), "scale": repr(sparse.scale), "ternary": str(sparse.ternary)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def _scalars(tree: dict[str, Any]) -> dict[str, Any]:
-    """Flatten a config for trackers, which accept only scalars."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flatten_dict(tree).items()}
-
-
-def _warn_if_near_chance(accuracy: float | None, num_classes: int) -> None:
-    """Q-SENN selects and quantises the dense model's features: a dense model that learned little dooms it."""
-    if accuracy is not None and accuracy < 1.5 / num_classes:
-        _logger.warning(
-            "the dense model reaches %.1f %% test accuracy, close to chance (%.1f %%); the Q-SENN features come from "
-            "it, so expect a poor result: train it longer (dense.epochs, dense.lr) or check the data",
-            100 * accuracy,
-            100 / num_classes,
-        )
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The one-screen summary printed at the end of a run."""
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
-    dense, qsenn = summary["dense_accuracy"], summary["qsenn_accuracy"]
-    gap = "" if dense is None else f"  ({100 * (qsenn - dense):+.2f} points)"
-    lines = [
-        f"Q-SENN on {summary['backbone']} / {summary['dataset']}: {summary['num_classes']} classes, "
-        f"{summary['train_images']} training and {summary['test_images']} test images",
-        f"  dense accuracy      {pct(dense)}",
-        f"  Q-SENN accuracy     {pct(qsenn)}{gap}",
-    ]
-    metrics = summary.get("metrics", {})
-    used = metrics.get("num_features")
-    lines += [
-        f"  features            {summary['n_features']} selected"
-        + ("" if used is None else f", {used} used by the class layer"),
-        f"  weights per class   {summary['weights_per_class']:.2f}  (ternary, a = {summary['scale']:.4g})",
-    ]
-    k = metrics.get("k", 5)
-    shown = {
-        "diversity_at_k": f"diversity@{k}",
-        "sid_at_k": f"SID@{k}",
-        "dependence": "dependence",
-        "class_independence": "class-independence",
-        "contrastiveness": "contrastiveness",
-    }
-    values = [f"{label} {metrics[key]:.3f}" for key, label in shown.items() if metrics.get(key) is not None]
-    if values:
-        lines.append("  interpretability    " + ", ".join(values))
-    seconds = summary["seconds"]
-    phases = ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items() if k != "total")
-    lines.append(f"  time                {seconds['total']:.0f}s  ({phases})")
-    return "\n".join(lines)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
