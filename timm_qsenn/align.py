@@ -40,7 +40,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ._utils import write_json
-from .metrics import AttributeLabels, alignment_matrix
+from .data.attributes import AttributeLabels
+from .metrics import alignment_matrix
 from .sparse.features import pooled_features
 
 __all__ = [
