@@ -3,11 +3,7 @@ import math
 import pytest
 import torch
 
-from timm_qsenn.metrics import (
-    diversity_at_k,
-    diversity_per_image,
-    sid_at_k,
-)
+from timm_qsenn.metrics import diversity_at_k, diversity_per_image, sid_at_k
 
 
 def _peaks(positions, num_positions=16, height=100.0):

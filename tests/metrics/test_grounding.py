@@ -1,11 +1,7 @@
 import pytest
 import torch
 
-from timm_qsenn.metrics import (
-    alignment,
-    alignment_matrix,
-    structural_grounding,
-)
+from timm_qsenn.metrics import alignment, alignment_matrix, structural_grounding
 
 
 def test_alignment_known_answer_mask_and_affine_invariance():

@@ -1,12 +1,7 @@
 import pytest
 import torch
 
-from timm_qsenn.metrics import (
-    accuracy,
-    num_features_used,
-    used_features,
-    weights_per_class,
-)
+from timm_qsenn.metrics import accuracy, num_features_used, used_features, weights_per_class
 
 
 def test_accuracy_and_sparsity_counts():
