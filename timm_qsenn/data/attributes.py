@@ -70,10 +70,12 @@ class AttributeLabels:
 
 
 def _path_key(path: str | Path) -> str:
+    """The class folder and file name of an image path, which match it across dataset roots."""
     return "/".join(Path(path).parts[-2:])
 
 
 def _cub_root(root: str | Path) -> Path:
+    """The CUB_200_2011 folder at or directly under ``root``."""
     root = Path(root).expanduser()
     for candidate in (root, root / "CUB_200_2011"):
         if (candidate / "attributes" / "image_attribute_labels.txt").is_file():
@@ -85,6 +87,7 @@ def _cub_root(root: str | Path) -> Path:
 
 
 def _cub_attribute_names(root: Path, count: int) -> list[str]:
+    """The names of attributes.txt (which the archive keeps beside or inside the folder), or numbered names."""
     for path in (root / "attributes" / "attributes.txt", root / "attributes.txt", root.parent / "attributes.txt"):
         if path.is_file():
             names = [line.split(maxsplit=1)[1] for line in path.read_text().splitlines() if line.strip()]

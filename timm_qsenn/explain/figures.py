@@ -17,6 +17,7 @@ __all__ = ["plot_explanation", "plot_class_sheet"]
 
 
 def _figure_class() -> Any:
+    """matplotlib's Figure class, imported on first use so that the package runs without the extra."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -25,6 +26,7 @@ def _figure_class() -> Any:
 
 
 def _image_array(image: Tensor) -> Any:
+    """A 3 x H x W image in [0, 1] as the H x W x 3 array ``imshow`` takes."""
     return image.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -63,6 +65,7 @@ def plot_explanation(explanation: LocalExplanation, top: int = 4, bars: int = 10
 
 
 def _bar_panel(ax: Any, items: Sequence[tuple[str, float]], title: str) -> None:
+    """Horizontal bars of signed (name, value) items, the first on top, positive blue and negative red."""
     names = [name for name, _ in items][::-1]
     values = [value for _, value in items][::-1]
     ax.barh(range(len(values)), values, color=["#2b7bba" if v >= 0 else "#d7301f" for v in values])

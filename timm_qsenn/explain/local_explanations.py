@@ -102,6 +102,7 @@ def feature_contributions(model: QSENN, features: Tensor) -> Tensor:
 
 
 def _as_batch(model: QSENN, image: Any, transform: Any | None) -> Tensor:
+    """One image (a tensor, or a PIL image to transform) as a batch of one."""
     if isinstance(image, Tensor):
         if image.ndim == 3:
             image = image.unsqueeze(0)

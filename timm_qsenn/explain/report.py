@@ -32,6 +32,7 @@ figure img { display: block; border: 1px solid #ccc; }
 
 
 def _feature_link(use: FeatureUse) -> str:
+    """A signed, coloured link from a class's row to the feature's section."""
     sign, css = ("+", "pos") if use.sign > 0 else ("&minus;", "neg")
     return f'<a class="{css}" href="#feature-{use.index}">{sign}&nbsp;{html.escape(use.name)}</a>'
 

@@ -14,6 +14,7 @@ __all__ = ["alignment_matrix", "best_per_feature", "alignment", "structural_grou
 
 
 def _check_attributes(features: Tensor, present: Tensor, known: Tensor | None) -> Tensor:
+    """The ``known`` mask (all true when None), after checking both matrices against ``features``."""
     check_features(features)
     if present.ndim != 2 or present.shape[0] != features.shape[0]:
         raise ValueError(
@@ -74,5 +75,6 @@ def structural_grounding(weight: Tensor, class_attributes: Tensor, top: int = 50
 
 
 def _cosine_without_diagonal(rows: Tensor) -> Tensor:
+    """Cosine similarities between the rows, with 0 on the diagonal."""
     unit = torch.nn.functional.normalize(rows, dim=1)
     return (unit @ unit.T).fill_diagonal_(0)
