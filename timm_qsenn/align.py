@@ -20,10 +20,10 @@ comes from:
    quality), so that a concept is credited only for being more present than the others.
 4. **Naming.** Each feature's best concept is the one with the largest correlation; its **confidence** is that
    correlation and its **margin** the gap to the next concept. A one-to-one naming maximises the summed
-   correlation under the constraint that no concept names two features (Hungarian algorithm,
-   :func:`linear_assignment`, exact, no SciPy). Features whose confidence is below a threshold keep their
-   default name, manual names override any of them, and :func:`apply_feature_names` stores the result in
-   ``model.feature_names``, which every explanation, the config and the model card read.
+   correlation under the constraint that no concept names two features (an exact assignment,
+   :func:`linear_assignment`, by SciPy's ``linear_sum_assignment``). Features whose confidence is below a
+   threshold keep their default name, manual names override any of them, and :func:`apply_feature_names`
+   stores the result in ``model.feature_names``, which every explanation, the config and the model card read.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ._utils import write_json
-from .metrics import AttributeLabels, alignment_matrix
+from .data.attributes import AttributeLabels
+from .metrics import alignment_matrix
 from .sparse.features import pooled_features
 
 __all__ = [
@@ -97,65 +99,18 @@ def linear_assignment(scores: Tensor, maximize: bool = False) -> list[tuple[int,
     """An optimal one-to-one assignment of rows to columns (Hungarian algorithm), as (row, column) pairs.
 
     Minimises (or with ``maximize`` maximises) the summed entries; every row is assigned when rows <= columns,
-    every column otherwise. Exact, O(n^2 m) with vectorised inner loops; NaN entries count as the worst value.
+    every column otherwise. Exact (SciPy's ``linear_sum_assignment``); NaN entries count as the worst value.
     """
     if scores.ndim != 2 or 0 in scores.shape:
         raise ValueError(f"scores must be a non-empty 2-D matrix, got shape {tuple(scores.shape)}")
     cost = scores.detach().double().cpu().numpy()
     cost = -cost if maximize else cost.copy()
+    # A finite stand-in worse than any assignment of finite entries: SciPy rejects NaN and may find inf infeasible.
     finite = cost[np.isfinite(cost)]
     worst = (finite.max() - finite.min() + 1) * cost.size + finite.max() if finite.size else 0.0
     cost[~np.isfinite(cost)] = worst
-    transposed = cost.shape[0] > cost.shape[1]
-    if transposed:
-        cost = cost.T
-    columns = _hungarian(cost)
-    pairs = [(c, r) if transposed else (r, c) for r, c in enumerate(columns)]
-    return sorted(pairs)
-
-
-def _hungarian(cost: np.ndarray) -> list[int]:
-    """Column of each row minimising the total cost of an n x m matrix with n <= m (shortest augmenting paths).
-
-    Potentials u (rows) and v (columns) keep every reduced cost ``cost - u - v`` non-negative; each row is
-    added by growing a Dijkstra tree of tight edges until it reaches a free column, then flipping the path.
-    """
-    n, m = cost.shape
-    u, v = np.zeros(n + 1), np.zeros(m + 1)
-    owner = np.zeros(m + 1, dtype=np.int64)  # owner[j]: 1-based row matched to column j (0: free)
-    way = np.zeros(m + 1, dtype=np.int64)
-    for row in range(1, n + 1):
-        owner[0] = row
-        column = 0
-        min_reduced = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:
-            used[column] = True
-            current = owner[column]
-            free = ~used[1:]
-            reduced = cost[current - 1] - u[current] - v[1:]
-            better = free & (reduced < min_reduced[1:])
-            min_reduced[1:][better] = reduced[better]
-            way[1:][better] = column
-            candidates = np.where(free, min_reduced[1:], np.inf)
-            nearest = int(np.argmin(candidates)) + 1
-            delta = candidates[nearest - 1]
-            tree = np.nonzero(used)[0]
-            u[owner[tree]] += delta
-            v[tree] -= delta
-            min_reduced[1:][free] -= delta
-            column = nearest
-            if owner[column] == 0:
-                break
-        while column:
-            previous = way[column]
-            owner[column] = owner[previous]
-            column = previous
-    result = [0] * n
-    for j in range(1, m + 1):
-        if owner[j]:
-            result[owner[j] - 1] = j - 1
-    return result
+    rows, columns = linear_sum_assignment(cost)
+    return sorted(zip(rows.tolist(), columns.tolist()))
 
 
 @dataclass(frozen=True)
