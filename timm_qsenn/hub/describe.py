@@ -148,12 +148,12 @@ def backbone_kwargs(model: QSENN) -> dict[str, Any]:
 
 
 def export_cfg(model: QSENN) -> dict[str, Any]:
-    """The model's pretrained cfg; a QSENN built without timm.create_model gets its backbone's."""
+    """The pretrained cfg an export starts from: the model's own; a QSENN built without timm.create_model gets its
+    backbone's."""
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
-        return dict(cfg, architecture=architecture(model))
-    base = backbone_variant_cfg(model.backbone_name)
-    return dict(base.to_dict(), architecture="qsenn", num_classes=model.num_classes)
+        return dict(cfg)
+    return dict(backbone_variant_cfg(model.backbone_name).to_dict(), num_classes=model.num_classes)
 
 
 def jsonable(value: Any, what: str) -> Any:

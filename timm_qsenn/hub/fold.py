@@ -20,7 +20,7 @@ from ..qsenn import QSENN
 from .card import model_card, write_card
 from .describe import backbone_kwargs, check_model, jsonable, label_names, qsenn_metadata
 from .format import CARD_FILE, FORMAT_VERSION, SIDECAR_NAME
-from .save import export_view, staging
+from .save import staging
 
 __all__ = ["fold", "export_folded"]
 
@@ -165,9 +165,9 @@ def export_folded(
     if labels:
         model_config["label_names"] = labels
     args = {k: jsonable(v, f"model argument {k!r}") for k, v in kwargs.items()}
+    plain.pretrained_cfg = cfg  # plain is this export's own object: its cfg is the one to write
     with staging(folder, overwrite) as tmp:
-        with export_view(plain, args, cfg):
-            save_for_hf(plain, tmp, model_config=model_config, model_args=args, safe_serialization=True)
+        save_for_hf(plain, tmp, model_config=model_config, model_args=args, safe_serialization=True)
         sidecar = _sidecar(model, meta, folded)
         (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
         text = model_card(model, meta, repo_id=repo_id, folder_name=Path(folder).name, folded=folded)

@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from timm.models import save_for_hf
-from torch import Tensor, nn
+from timm.models._hub import save_config_for_hf  # the config half of save_for_hf; timm.models exports only that
+from torch import Tensor
 
 from ..qsenn import QSENN
 from ..ternary import PACKED_FORMAT, pack_layer
 from .card import model_card, write_card
-from .describe import check_model, export_args, export_cfg, label_names, notes, packable, qsenn_metadata
-from .format import CARD_FILE, CONFIG_KEY, WEIGHTS_FILE, weights_metadata
+from .describe import (
+    architecture,
+    check_model,
+    export_args,
+    export_cfg,
+    label_names,
+    notes,
+    packable,
+    qsenn_metadata,
+)
+from .format import CARD_FILE, CONFIG_FILE, CONFIG_KEY, WEIGHTS_FILE, weights_metadata
 
-__all__ = ["save_pretrained", "export_view", "staging"]
+__all__ = ["save_pretrained", "staging"]
 
 
 def save_pretrained(
@@ -35,34 +44,43 @@ def save_pretrained(
     overwrite: bool = False,
     repo_id: str | None = None,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` (packed ternary layer) and a model card into ``folder``."""
+    """Write ``config.json``, ``model.safetensors`` (packed ternary layer) and a model card into ``folder``.
+
+    The model is not changed.
+    """
     check_model(model)
     meta = qsenn_metadata(model, metrics, recipe, dataset, packed=compact and packable(model))
+    model_config: dict[str, Any] = {
+        CONFIG_KEY: meta,
+        "pretrained_cfg": {"architecture": architecture(model), "notes": [notes(meta)]},
+    }
+    labels = label_names(model)
+    if labels:
+        model_config["label_names"] = labels
     with staging(folder, overwrite) as tmp:
-        args, cfg = export_args(model), export_cfg(model)
-        model_config = {CONFIG_KEY: meta, "pretrained_cfg": {"notes": [notes(meta)]}}
-        labels = label_names(model)
-        if labels:
-            model_config["label_names"] = labels
-        with export_view(model, args, cfg):
-            save_for_hf(model, tmp, model_config=model_config, model_args=args, safe_serialization=True)
+        args = export_args(model)
+        save_config_for_hf(_ExportView(model), tmp / CONFIG_FILE, model_config=model_config, model_args=args)
         state = _state_dict(model, packed=meta["class_layer_format"] == PACKED_FORMAT)
         save_file(state, tmp / WEIGHTS_FILE, metadata=weights_metadata(meta))
         write_card(tmp / CARD_FILE, model_card(model, meta, repo_id=repo_id, folder_name=Path(folder).name))
     return Path(folder)
 
 
-@contextlib.contextmanager
-def export_view(model: nn.Module, args: dict[str, Any], cfg: dict[str, Any]) -> Iterator[None]:
-    """Show timm's exporter exactly the args and cfg given, then restore the model's own attributes."""
-    saved = {name: model.__dict__[name] for name in ("_model_args", "pretrained_cfg") if name in model.__dict__}
-    model.__dict__.update(_model_args=args, pretrained_cfg=cfg)
-    try:
-        yield
-    finally:
-        for name in ("_model_args", "pretrained_cfg"):
-            model.__dict__.pop(name, None)
-        model.__dict__.update(saved)
+class _ExportView:
+    """The model as timm's config exporter reads it, without changing the model.
+
+    timm takes the pretrained cfg and the recorded constructor args from the model's attributes. The view gives
+    it the model's cfg (its backbone's for a QSENN built without timm.create_model, which has none) and no
+    recorded args, so the explicit ``model_args`` are all that is written; every other attribute is the model's.
+    """
+
+    def __init__(self, model: QSENN):
+        self._model = model
+        self._model_args: dict[str, Any] = {}
+        self.pretrained_cfg = export_cfg(model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def _state_dict(model: QSENN, packed: bool) -> dict[str, Tensor]:
