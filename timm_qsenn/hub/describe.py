@@ -15,6 +15,7 @@ import timm
 import torch
 
 from .._utils import package_version
+from ..explain import class_names_of
 from ..pretrained import backbone_variant_cfg
 from ..qsenn import QSENN
 from ..ternary import PACKED_FORMAT, PACKED_FORMAT_VERSION
@@ -108,9 +109,10 @@ def qsenn_metadata(
 
 
 def label_names(model: QSENN) -> list[str] | None:
-    """The class names config.json records: the model's own, or None where it has none for every class."""
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    return list(names) if names and len(names) == model.num_classes else None
+    """The class names config.json records: the model's own, or None where ``class_names_of`` makes them up."""
+    names = class_names_of(model)
+    own = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return names if own and list(own) == names else None
 
 
 def notes(meta: Mapping[str, Any]) -> str:

@@ -3,7 +3,6 @@ checkpoint that loads without timm_qsenn, with a sidecar JSON holding the ternar
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
+from .._utils import eval_mode, write_json
 from ..explain import class_names_of, global_explanation
 from ..pretrained import CURATED_BACKBONES
 from ..qsenn import QSENN
@@ -24,8 +24,9 @@ from .save import staging
 
 __all__ = ["fold", "export_folded"]
 
-# pretrained_cfg fields a folded export takes from the Q-SENN model: preprocessing and licence.
-_DATA_KEYS = (
+# The pretrained_cfg keys a folded export copies from the Q-SENN model (preprocessing and licence); every other
+# key is the plain backbone's own.
+_COPIED_CFG_KEYS = (
     *("input_size", "test_input_size", "min_input_size", "interpolation", "crop_mode"),
     *("crop_pct", "test_crop_pct", "mean", "std", "license"),
 )
@@ -64,13 +65,8 @@ def fold(model: QSENN) -> tuple[nn.Module, dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *size, generator=generator)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            reference = model(x.to(device)).float().cpu()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        reference = model(x.to(device)).float().cpu()
     reasons = []
     for overrides in _FOLD_OVERRIDES:
         kwargs = {**base, **overrides, "num_classes": model.num_classes}
@@ -156,7 +152,7 @@ def export_folded(
     folded = {"architecture": arch, "classifier": classifier, "sidecar": SIDECAR_NAME}
     cfg = dict(plain.pretrained_cfg)
     source_cfg = getattr(model, "pretrained_cfg", None) or {}
-    cfg.update({k: source_cfg[k] for k in _DATA_KEYS if source_cfg.get(k) is not None})
+    cfg.update({k: source_cfg[k] for k in _COPIED_CFG_KEYS if source_cfg.get(k) is not None})
     cfg["notes"] = [f"Q-SENN model folded into plain timm by timm_qsenn {meta['package_version']}; see {SIDECAR_NAME}."]
     model_config: dict[str, Any] = {
         "qsenn_folded": {**folded, "format_version": FORMAT_VERSION, "package_version": meta["package_version"]}
@@ -168,8 +164,7 @@ def export_folded(
     plain.pretrained_cfg = cfg  # plain is this export's own object: its cfg is the one to write
     with staging(folder, overwrite) as tmp:
         save_for_hf(plain, tmp, model_config=model_config, model_args=args, safe_serialization=True)
-        sidecar = _sidecar(model, meta, folded)
-        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+        write_json(_sidecar(model, meta, folded), tmp / SIDECAR_NAME)
         text = model_card(model, meta, repo_id=repo_id, folder_name=Path(folder).name, folded=folded)
         write_card(tmp / CARD_FILE, text)
     return Path(folder)

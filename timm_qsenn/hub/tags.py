@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .._utils import write_json
 from .files import model_folder
 from .format import CONFIG_FILE, check_config, read_json
 
@@ -29,6 +29,5 @@ def write_hub_config(folder: str | os.PathLike, hf_hub_id: str, tag: str, out_di
         "pretrained_cfg": pretrained_cfg,
     }
     out = Path(out_dir) / f"{config['architecture']}.{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    write_json(entry, out)
     return out
