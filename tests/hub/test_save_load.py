@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import struct
@@ -13,6 +14,7 @@ from safetensors import safe_open
 
 import timm_qsenn
 from timm_qsenn import QSENN, hub
+from timm_qsenn._utils import environment
 
 from ..conftest import make_ternary
 from .conftest import CLASSES, FEATURES, METRICS, logits_of
@@ -147,3 +149,25 @@ def test_packed_class_layer_takes_at_most_2_1_bits_per_weight(tmp_path):
     assert saved_float - path.stat().st_size > 200 * 50 * 4 - 2 * 2528
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(logits_of(hub.load_model(tmp_path / "packed"), x), logits_of(model, x))
+
+
+# -- provenance ----------------------------------------------------------------------------------------------
+
+
+def test_saved_model_records_the_environment_that_produced_it(saved, tmp_path):
+    model, folder, _, _ = saved
+    meta = json.loads((folder / "config.json").read_text())["qsenn"]
+    assert meta["environment"] == environment("cpu")  # by default: this process, on the model's device
+    env = meta["environment"]
+    row = f"| Produced with | timm_qsenn {env['timm_qsenn']}, torch {torch.__version__}, timm {timm.__version__};"
+    assert row in (folder / "README.md").read_text()
+
+    given = {"timm_qsenn": "9.9", "torch": "2.9", "timm": "1.9", "device": "cuda:0", "gpu": "H200", "cpu": "EPYC"}
+    recorded = {k: copy.deepcopy(getattr(model, k)) for k in ("pretrained_cfg", "_model_args")}
+    attributes = {k: id(v) for k, v in model.__dict__.items()}
+    hub.save_pretrained(model, tmp_path / "given", environment=given)
+    assert {k: id(v) for k, v in model.__dict__.items()} == attributes  # the model is not edited
+    assert all(getattr(model, k) == v for k, v in recorded.items())
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["qsenn"]["environment"] == given
+    card = (tmp_path / "given" / "README.md").read_text()
+    assert "| Produced with | timm_qsenn 9.9, torch 2.9, timm 1.9; device cuda:0 (H200); CPU EPYC |" in card

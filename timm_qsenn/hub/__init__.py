@@ -6,7 +6,8 @@ metadata (the ``"qsenn"`` block of ``config.json``):
 
 * ``config.json``: timm's config (``architecture``, ``model_args``, ``pretrained_cfg``, ``label_names``) plus a
   top-level ``"qsenn"`` block (stage, selected channels, weights per class, scale, feature names, metrics,
-  recipe, dataset, format and package versions). timm ignores unknown top-level keys.
+  recipe, dataset, the environment that produced it, format and package versions). timm ignores unknown
+  top-level keys.
 * ``model.safetensors``: the state dict with the ternary class layer packed into 2-bit codes
   (``head.fc.weight_packed`` and friends, see :func:`timm_qsenn.ternary.pack_layer`); the header
   metadata names the file format and the class-layer format with their versions.

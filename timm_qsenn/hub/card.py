@@ -229,7 +229,21 @@ def _card_details(model: QSENN, meta: Mapping[str, Any], folded: Mapping[str, An
     if meta.get("dataset"):
         rows.append(("Dataset", f"`{meta['dataset']}`"))
     rows.append(("timm_qsenn version", str(meta.get("package_version"))))
+    if meta.get("environment"):
+        rows.append(("Produced with", _produced_with(meta["environment"])))
     return [(_cell(k), _cell(v)) for k, v in rows]
+
+
+def _produced_with(environment: Mapping[str, Any]) -> str:
+    """One line of the software and hardware that produced the model, from its recorded environment."""
+    names = [name for name in ("timm_qsenn", "torch", "timm") if name in environment]
+    parts = [", ".join(f"{name} {environment[name]}" for name in names)]
+    if environment.get("device"):
+        gpu = f" ({environment['gpu']})" if environment.get("gpu") else ""
+        parts.append(f"device {environment['device']}{gpu}")
+    if environment.get("cpu"):
+        parts.append(f"CPU {environment['cpu']}")
+    return "; ".join(part for part in parts if part)
 
 
 def _card_usage(model: QSENN, repo_id: str | None, folder_name: str | None, folded: Any) -> str:

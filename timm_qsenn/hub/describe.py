@@ -14,6 +14,7 @@ from typing import Any
 import timm
 import torch
 
+from .._utils import environment as current_environment
 from .._utils import package_version
 from ..explain import class_names_of
 from ..pretrained import backbone_variant_cfg
@@ -79,14 +80,20 @@ def qsenn_metadata(
     recipe: Any,
     dataset: str | None,
     packed: bool,
+    environment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``"qsenn"`` block of config.json: everything the card and the loaders need besides timm's keys."""
+    """The ``"qsenn"`` block of config.json: everything the card and the loaders need besides timm's keys.
+
+    ``environment`` is what produced the model; by default this process on the model's device.
+    """
     head = model.head
     if packed and not _ternary_exact(model):
         _logger.warning("class layer is not exactly codes x one float32 scale; storing it unpacked")
         packed = False
     nnz = int(head.fc.weight.count_nonzero()) if model.num_classes > 0 else 0
     scale = head.ternary_codes()[1] if packable(model) else None
+    if environment is None:
+        environment = current_environment(next(model.parameters()).device)
     return {
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
@@ -105,6 +112,7 @@ def qsenn_metadata(
         "metrics": jsonable(dict(metrics or {}), "metrics"),
         "recipe": jsonable(recipe if recipe is not None else {}, "recipe"),
         "dataset": dataset,
+        "environment": jsonable(dict(environment), "environment"),
     }
 
 

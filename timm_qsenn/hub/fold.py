@@ -143,10 +143,14 @@ def export_folded(
     dataset: str | None = None,
     overwrite: bool = False,
     repo_id: str | None = None,
+    environment: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save the folded model as a vanilla timm checkpoint (no timm_qsenn needed) plus the ternary sidecar JSON."""
+    """Save the folded model as a vanilla timm checkpoint (no timm_qsenn needed) plus the ternary sidecar JSON.
+
+    ``environment`` is what produced the model, shown on the card (see :func:`save_pretrained`).
+    """
     plain, kwargs = fold(model)
-    meta = qsenn_metadata(model, metrics, None, dataset, packed=False)
+    meta = qsenn_metadata(model, metrics, None, dataset, packed=False, environment=environment)
     classifier = next(n for n, m in plain.named_modules() if m is plain.get_classifier())
     arch = model.backbone_name.split(".", 1)[0]
     folded = {"architecture": arch, "classifier": classifier, "sidecar": SIDECAR_NAME}
@@ -203,4 +207,5 @@ def _sidecar(model: QSENN, meta: Mapping[str, Any], folded: Mapping[str, Any]) -
         ],
         "metrics": meta["metrics"],
         "dataset": meta["dataset"],
+        "environment": meta["environment"],
     }

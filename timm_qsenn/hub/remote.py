@@ -83,7 +83,8 @@ def _stage_upload(model_or_folder: QSENN | str | os.PathLike, staging: Path, rep
     model = load_model(folder)  # checks every file before anything leaves the machine
     meta = check_config(folder / CONFIG_FILE)
     if folded:
-        export_folded(model, staging, metrics=meta.get("metrics"), dataset=meta.get("dataset"), repo_id=repo_id)
+        recorded = {k: meta.get(k) for k in ("metrics", "dataset", "environment")}
+        export_folded(model, staging, **recorded, repo_id=repo_id)
         return
     staging.mkdir(parents=True)
     for path in sorted(folder.rglob("*")):

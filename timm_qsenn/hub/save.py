@@ -43,13 +43,15 @@ def save_pretrained(
     compact: bool = True,
     overwrite: bool = False,
     repo_id: str | None = None,
+    environment: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` (packed ternary layer) and a model card into ``folder``.
 
-    The model is not changed.
+    ``environment`` records what produced the model (versions, device, CPU); by default this process on the
+    model's device (``timm_qsenn._utils.environment``). The model is not changed.
     """
     check_model(model)
-    meta = qsenn_metadata(model, metrics, recipe, dataset, packed=compact and packable(model))
+    meta = qsenn_metadata(model, metrics, recipe, dataset, packed=compact and packable(model), environment=environment)
     model_config: dict[str, Any] = {
         CONFIG_KEY: meta,
         "pretrained_cfg": {"architecture": architecture(model), "notes": [notes(meta)]},
