@@ -1,6 +1,6 @@
 """A small Hugging Face Hub-compatible HTTP server for offline tests (loopback only, regular uploads only).
 
-Run ``python tests/fake_hub.py ROOT``: it binds 127.0.0.1 on a free port, prints ``PORT <n>`` on its first line
+Run ``python tests/hub/fake_hub.py ROOT``: it binds 127.0.0.1 on a free port, prints ``PORT <n>`` on its first line
 and stores each repository's current files under ``ROOT/<org>/<name>/``. It answers the endpoints that
 ``HfApi.create_repo``, ``upload_folder``/``upload_file``, ``file_exists``, ``hf_hub_download`` and
 ``snapshot_download`` use. Every preupload answer is "regular", which keeps LFS and Xet out of the picture.
