@@ -446,6 +446,7 @@ class QSENNTrainer:
                 recipe=cfg.to_dict(),
                 dataset=cfg.data.dataset,
                 overwrite=True,
+                environment=summary["environment"],
             )
             self._add_seconds("final")
             summary["seconds"] = {**self.state.seconds, "total": sum(self.state.seconds.values())}
