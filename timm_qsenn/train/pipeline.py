@@ -33,9 +33,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .._utils import flatten_dict
+from ..data import DataBundle, build_datasets, eval_loader, train_loader
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
-from .data import DataBundle, build_datasets, eval_loader, train_loader
 from .loop import TrainModule, evaluate_accuracy, train_epoch
 
 __all__ = ["RunState", "QSENNTrainer", "RunExistsError", "format_summary"]
