@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from ._utils import write_json
+from .features import pooled_features
 from .metrics import AttributeLabels, alignment_matrix
-from .sparse.features import pooled_features
 
 __all__ = [
     "ConceptMatch",

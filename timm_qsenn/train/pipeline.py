@@ -370,7 +370,8 @@ class QSENNTrainer:
 
     def _sparsify(self, model: QSENN, iteration: int) -> None:
         """Features of the training set -> (selection) -> path -> ternary layer, computed once, installed everywhere."""
-        from ..sparse import extract_features, sparsify
+        from ..features import extract_features
+        from ..sparse import sparsify
 
         acc, cfg = self.accelerator, self.config
         phase = f"sparse_{iteration}"
