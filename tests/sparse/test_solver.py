@@ -83,12 +83,12 @@ def test_float32_and_float64_agree(structured):
 def test_a_tolerance_below_float32_rounding_is_raised_with_a_warning(structured, caplog):
     x, y = structured
     lam = lambda_max(x, y)
-    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.problem"):
         path = elastic_net_path(x, y, n_lambdas=3, eps=0.5, tol=1e-12)
     assert "below the rounding of float32 gradients" in caplog.text
     assert path.tol > 1e-12 * lam and path.converged.all()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.problem"):
         exact = elastic_net_path(x.double(), y, n_lambdas=3, eps=0.5, tol=1e-9, dtype=torch.float64)
     assert not caplog.text and exact.tol == pytest.approx(1e-9 * 0.99 * lam, rel=1e-6)
 
