@@ -177,3 +177,12 @@ def test_invalid_options_raise(random_problem):
         elastic_net_path(x, y, X_val=x)
     with pytest.raises(ValueError, match="num_classes"):
         elastic_net_path(x, y, num_classes=2)
+
+
+def test_check_input_false_skips_the_scan_and_fits_the_same_path(structured):
+    x, y = structured
+    checked = elastic_net_path(x, y, n_lambdas=5, eps=0.1)
+    unchecked = elastic_net_path(x, y, n_lambdas=5, eps=0.1, num_classes=5, check_input=False)
+    assert torch.equal(checked.weights, unchecked.weights) and torch.equal(checked.n_iter, unchecked.n_iter)
+    with pytest.raises(ValueError, match="alpha"):  # the options are still checked
+        elastic_net_path(x, y, alpha=2.0, check_input=False)

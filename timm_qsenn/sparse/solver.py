@@ -29,7 +29,7 @@ from torch import Tensor
 from .point import solve_point
 from .problem import Problem, Solution, check_alpha, check_problem, check_settings, kkt_tolerance, null_model
 
-__all__ = ["RegPath", "lambda_max", "lambda_grid", "elastic_net_path", "fit_path", "objective", "kkt_violation"]
+__all__ = ["RegPath", "lambda_max", "lambda_grid", "elastic_net_path", "objective", "kkt_violation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def elastic_net_path(
     dtype: torch.dtype = torch.float32,
     stop_at_nnz: int | None = None,
     progress: bool = False,
+    check_input: bool = True,
 ) -> RegPath:
     """Fit the (group) elastic-net path of multinomial logistic regression on ``X`` (already normalised).
 
@@ -171,60 +172,26 @@ def elastic_net_path(
         dtype: solve in this dtype (float32 default, float64 for reference-grade accuracy).
         stop_at_nnz: stop after the first point with at least this many non-zero weights.
         progress: show a tqdm bar over the lambdas.
+        check_input: False skips the scan of the data (as scikit-learn's ``enet_path``), for a caller that
+            validated it already (:func:`~timm_qsenn.sparse.problem.check_problem`): ``X`` and ``X_val`` finite
+            and in ``dtype``, ``y`` and ``y_val`` int64 class indices on ``X``'s device.
     """
+    start = time.perf_counter()
     alpha = check_alpha(alpha)
     check_settings(dtype, tol, max_iter)
-    X, y, num_classes = check_problem(X, y, num_classes, dtype=dtype)
+    if check_input:
+        X, y, num_classes = check_problem(X, y, num_classes, dtype=dtype)
+    elif num_classes is None:
+        num_classes = int(y.max()) + 1
     if (X_val is None) != (y_val is None):
         raise ValueError("pass both X_val and y_val, or neither")
     if X_val is not None:
-        X_val, y_val, _ = check_problem(X_val, y_val, num_classes, name="X_val", dtype=dtype)
+        if check_input:
+            X_val, y_val, _ = check_problem(X_val, y_val, num_classes, name="X_val", dtype=dtype)
         if X_val.shape[1] != X.shape[1]:
             raise ValueError(f"X_val has {X_val.shape[1]} features but X has {X.shape[1]}")
         X_val, y_val = X_val.to(X.device), y_val.to(X.device)
-    return fit_path(
-        X,
-        y,
-        num_classes,
-        alpha=alpha,
-        n_lambdas=n_lambdas,
-        eps=eps,
-        lambdas=lambdas,
-        group=group,
-        X_val=X_val,
-        y_val=y_val,
-        tol=tol,
-        max_iter=max_iter,
-        stop_at_nnz=stop_at_nnz,
-        progress=progress,
-    )
 
-
-def fit_path(
-    X: Tensor,
-    y: Tensor,
-    num_classes: int,
-    *,
-    alpha: float,
-    n_lambdas: int = 100,
-    eps: float = 1e-3,
-    lambdas: Tensor | list[float] | None = None,
-    group: bool = False,
-    X_val: Tensor | None = None,
-    y_val: Tensor | None = None,
-    tol: float = 1e-4,
-    max_iter: int = 20000,
-    stop_at_nnz: int | None = None,
-    progress: bool = False,
-) -> RegPath:
-    """:func:`elastic_net_path` on inputs its caller validated, so that a pipeline scans its data only once.
-
-    ``X`` and ``X_val`` are finite and already in the solve dtype, ``y`` and ``y_val`` int64 class indices on
-    their device, below ``num_classes``, and the caller has checked ``alpha``, ``tol`` and ``max_iter``
-    (:func:`~timm_qsenn.sparse.problem.check_alpha`, :func:`~timm_qsenn.sparse.problem.check_settings`). Every
-    class must still occur in ``y``.
-    """
-    start = time.perf_counter()
     null = null_model(X, y, num_classes, alpha, group)
     lam_max = null.lambda_max
     if lambdas is None:

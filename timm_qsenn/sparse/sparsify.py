@@ -11,7 +11,7 @@ from torch import Tensor
 from ..ternary import TernaryWeights, quantize_ternary, ternary_bias
 from .problem import check_alpha, check_classes, check_problem, check_settings
 from .select import check_n_features, fit_selection, normalize_features, split_indices
-from .solver import fit_path
+from .solver import elastic_net_path
 
 __all__ = ["SparseHead", "sparsify"]
 
@@ -131,13 +131,15 @@ def sparsify(
 
     start = time.perf_counter()
     normalized, mean, std = normalize_features(columns.to(dtype))
-    path = fit_path(
+    path = elastic_net_path(
         normalized[train],
         labels[train],
-        num_classes,
         alpha=alpha,
         X_val=normalized[val] if val.numel() else None,
         y_val=labels[val] if val.numel() else None,
+        num_classes=num_classes,
+        dtype=dtype,
+        check_input=False,
         **path_settings,
     )
     seconds["path"] = time.perf_counter() - start
