@@ -41,8 +41,8 @@ from torch import Tensor
 
 from ._utils import write_json
 from .data.attributes import AttributeLabels
+from .features import pooled_features
 from .metrics import alignment_matrix
-from .sparse.features import pooled_features
 
 __all__ = [
     "ConceptMatch",

@@ -173,8 +173,8 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cli_data(args: argparse.Namespace, model, command: str):
     """Train and test splits with the model's eval transform: from ``--data``, or the run folder's config."""
-    from .train.config import DataConfig, load_config
-    from .train.data import build_datasets
+    from .data import DataConfig, build_datasets
+    from .train.config import load_config
 
     run_config = Path(args.model) / "config.yaml"
     if args.data is None:
@@ -219,8 +219,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_loader
     from .metrics import evaluate, read_cub_attributes, read_cub_class_attributes
-    from .train.data import eval_loader
 
     model = _load_cli_model(args, "eval")
     bundle, data = _cli_data(args, model, "eval")
@@ -302,9 +302,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
+    from .data import eval_loader
     from .explain import write_report
     from .metrics import QSENNMetrics
-    from .train.data import eval_loader
 
     model = _load_cli_model(args, "report")
     bundle, data = _cli_data(args, model, "report")

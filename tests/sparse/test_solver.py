@@ -83,12 +83,12 @@ def test_float32_and_float64_agree(structured):
 def test_a_tolerance_below_float32_rounding_is_raised_with_a_warning(structured, caplog):
     x, y = structured
     lam = lambda_max(x, y)
-    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.problem"):
         path = elastic_net_path(x, y, n_lambdas=3, eps=0.5, tol=1e-12)
     assert "below the rounding of float32 gradients" in caplog.text
     assert path.tol > 1e-12 * lam and path.converged.all()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.solver"):
+    with caplog.at_level("WARNING", logger="timm_qsenn.sparse.problem"):
         exact = elastic_net_path(x.double(), y, n_lambdas=3, eps=0.5, tol=1e-9, dtype=torch.float64)
     assert not caplog.text and exact.tol == pytest.approx(1e-9 * 0.99 * lam, rel=1e-6)
 
@@ -177,3 +177,12 @@ def test_invalid_options_raise(random_problem):
         elastic_net_path(x, y, X_val=x)
     with pytest.raises(ValueError, match="num_classes"):
         elastic_net_path(x, y, num_classes=2)
+
+
+def test_check_input_false_skips_the_scan_and_fits_the_same_path(structured):
+    x, y = structured
+    checked = elastic_net_path(x, y, n_lambdas=5, eps=0.1)
+    unchecked = elastic_net_path(x, y, n_lambdas=5, eps=0.1, num_classes=5, check_input=False)
+    assert torch.equal(checked.weights, unchecked.weights) and torch.equal(checked.n_iter, unchecked.n_iter)
+    with pytest.raises(ValueError, match="alpha"):  # the options are still checked
+        elastic_net_path(x, y, alpha=2.0, check_input=False)

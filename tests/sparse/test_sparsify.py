@@ -70,3 +70,21 @@ def test_installs_into_a_qsenn_head(tiny_cnn):
     assert scale == pytest.approx(sh.scale) and int(codes.count_nonzero()) == int(sh.weight.count_nonzero())
     features = x[:, sh.selection]
     assert torch.allclose(head.classify(features), sh.logits(features), atol=1e-4)
+
+
+def test_the_data_is_validated_once_and_split_once(problem, monkeypatch):
+    import importlib
+
+    # The package's names shadow its modules sparsify and select: look the modules up by their full names.
+    select_module = importlib.import_module("timm_qsenn.sparse.select")
+    sparsify_module = importlib.import_module("timm_qsenn.sparse.sparsify")
+
+    x, y = problem
+    scans, splits = [], []
+    isfinite, split = torch.isfinite, sparsify_module.split_indices
+    monkeypatch.setattr(torch, "isfinite", lambda t: scans.append(tuple(t.shape)) or isfinite(t))
+    monkeypatch.setattr(sparsify_module, "split_indices", lambda *a: splits.append(a) or split(*a))
+    monkeypatch.setattr(select_module, "split_indices", lambda *a: pytest.fail("the selection drew a split"))
+    sh = sparsify(x, y, n_features=6, n_per_class=2, n_lambdas=10)
+    assert [s for s in scans if s[:1] == x.shape[:1]] == [tuple(x.shape)]  # one scan of the N rows, all columns
+    assert len(splits) == 1 and sh.selection.numel() == 6

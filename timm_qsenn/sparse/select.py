@@ -10,21 +10,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import random_split
 
-from .solver import (
-    _absolute_tol,
-    _check_alpha,
-    _check_classes,
-    _check_problem,
-    _first_step,
-    _fista,
-    _null_model,
-    _null_state,
-    _Problem,
-    _State,
-    lambda_grid,
-)
+from .point import solve_point
+from .problem import Problem, Solution, check_alpha, check_classes, check_problem, kkt_tolerance, null_model
+from .solver import lambda_grid
 
-__all__ = ["SelectionPath", "selection_path", "select_features", "split_indices", "normalize_features"]
+__all__ = [
+    "SelectionPath",
+    "selection_path",
+    "fit_selection",
+    "select_features",
+    "split_indices",
+    "normalize_features",
+    "population_statistics",
+    "check_n_features",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +77,16 @@ def normalize_features(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return normalized, mean.to(features.dtype), std.to(features.dtype)
 
 
+def check_n_features(n_features: int, num_columns: int) -> int:
+    """``n_features`` as an int, checked to be a number of columns that can be selected."""
+    if not 1 <= int(n_features) <= num_columns:
+        raise ValueError(
+            f"n_features must lie in [1, {num_columns}] (the number of feature columns), got {n_features}; "
+            "select fewer features or pass more columns"
+        )
+    return int(n_features)
+
+
 def selection_path(
     X: Tensor,
     y: Tensor,
@@ -128,33 +137,58 @@ def selection_path(
     are the unselected columns with the largest gradient norm at the last point, with a warning.
     """
     start = time.perf_counter()
-    alpha = _check_alpha(alpha)
-    X, y, num_classes = _check_problem(X, y, dtype=dtype)
-    n_total, num_columns = X.shape
-    if not 1 <= int(n_features) <= num_columns:
-        raise ValueError(
-            f"n_features must lie in [1, {num_columns}] (the number of feature columns), got {n_features}; "
-            "select fewer features or pass more columns"
-        )
-    n_features = int(n_features)
+    alpha = check_alpha(alpha)
+    X, y, num_classes = check_problem(X, y, dtype=dtype)
+    n_features = check_n_features(n_features, X.shape[1])
     if normalize:
         X = normalize_features(X)[0]
-    train, _ = split_indices(n_total, val_fraction, seed)
+    train, _ = split_indices(X.shape[0], val_fraction, seed)
     train = train.to(X.device)
     X_train, y_train = X.index_select(0, train), y.index_select(0, train)
-    _check_classes(y_train, num_classes, name=f"the training split (val_fraction={val_fraction})")
+    check_classes(y_train, num_classes, name=f"the training split (val_fraction={val_fraction})")
+    result = fit_selection(
+        X_train,
+        y_train,
+        num_classes,
+        n_features,
+        alpha=alpha,
+        n_lambdas=n_lambdas,
+        eps=eps,
+        tol=tol,
+        max_iter=max_iter,
+        progress=progress,
+    )
+    result.seconds = time.perf_counter() - start
+    return result
 
-    full = _Problem.build(X_train, y_train, num_classes)
-    bias0, grad0 = _null_model(X_train, y_train, num_classes)
-    scale = float(grad0.norm(dim=0).max())
-    lam_max = scale / alpha
-    abs_tol, _ = _absolute_tol(full, _null_state(full, bias0), grad0, tol, scale, group=True)
-    lams = lambda_grid(lam_max, n_lambdas, eps).tolist()
 
-    n = X_train.shape[0]
+def fit_selection(
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    n_features: int,
+    *,
+    alpha: float,
+    n_lambdas: int = 100,
+    eps: float = 1e-3,
+    tol: float = 1e-4,
+    max_iter: int = 20000,
+    progress: bool = False,
+) -> SelectionPath:
+    """:func:`selection_path` on the normalised training rows its caller validated and split (as sparsify does).
+
+    ``X`` is finite and in the solve dtype, ``y`` int64 class indices on its device with every class of
+    ``num_classes`` present, and the caller has checked ``alpha`` and ``n_features`` (:func:`check_n_features`).
+    """
+    start = time.perf_counter()
+    full = Problem.build(X, y, num_classes)
+    null = null_model(X, y, num_classes, alpha, group=True)
+    abs_tol, _ = kkt_tolerance(full, null, tol, group=True)
+    lams = lambda_grid(null.lambda_max, n_lambdas, eps).tolist()
+
     # The restricted problems start with no feature column: theta holds the bias only.
-    state = _null_state(full.columns(torch.zeros(0, dtype=torch.int64)), bias0)
-    state.step = _first_step(full.X1)
+    state = full.columns(torch.zeros(0, dtype=torch.int64)).start(null.bias)
+    state.step = full.first_step()
     order: list[int] = []
     entry: list[float] = []
     total_iter = 0
@@ -168,7 +202,9 @@ def selection_path(
         while len(order) < n_features:
             if order:
                 sub = full.columns(torch.tensor(order, device=X.device))
-                state, n_iter, violation = _fista(sub, state, lam, alpha, True, abs_tol, max_iter)
+                state, n_iter, violation = solve_point(
+                    sub, state, lam, alpha=alpha, group=True, tol=abs_tol, max_iter=max_iter
+                )
                 total_iter += n_iter
                 if violation > abs_tol:
                     _logger.warning(
@@ -180,7 +216,7 @@ def selection_path(
                     )
             probs = state.probs if state.probs is not None else torch.softmax(state.logits, dim=1)
             # Gradient norms of every column; an unselected column has zero weights, so no ridge term.
-            norms = ((probs.t() @ full.X1 - full.targets)[:, :-1] / n).norm(dim=0)
+            norms = full.gradient(probs)[:, :-1].norm(dim=0)
             if order:
                 norms[torch.tensor(order, device=X.device)] = -1.0
             best = int(norms.argmax())
@@ -191,7 +227,7 @@ def selection_path(
             # The new column starts at zero (before the bias column), so logits and probabilities stay valid.
             theta = state.theta
             theta = torch.cat([theta[:, :-1], theta.new_zeros(num_classes, 1), theta[:, -1:]], dim=1)
-            state = _State(theta, state.logits, probs, step=state.step)
+            state = Solution(theta, state.logits, probs, step=state.step)
             if bar is not None:
                 bar.update(1)
         if len(order) == n_features:
@@ -215,7 +251,7 @@ def selection_path(
         indices=order_t.sort().values,
         order=order_t,
         entry_lambdas=torch.tensor(entry, dtype=torch.float64),
-        lambda_max=lam_max,
+        lambda_max=null.lambda_max,
         n_iter=total_iter,
         seconds=time.perf_counter() - start,
     )

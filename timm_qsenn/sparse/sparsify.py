@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from ..ternary import TernaryWeights, quantize_ternary, ternary_bias
-from .select import normalize_features, selection_path, split_indices
-from .solver import _check_classes, _check_problem, elastic_net_path
+from .problem import check_alpha, check_classes, check_problem, check_settings
+from .select import check_n_features, fit_selection, normalize_features, split_indices
+from .solver import elastic_net_path
 
 __all__ = ["SparseHead", "sparsify"]
 
@@ -88,29 +89,12 @@ def sparsify(
 
     ``features`` may live on any device; the fit runs there. The result is on the CPU.
     """
-    features, labels, _ = _check_problem(features, labels, name="features")
+    # The one validation of the data (a full scan) and the one split; selection and path fit on its rows.
+    features, labels, num_classes = check_problem(features, labels, name="features")
     num_columns = features.shape[1]
-    seconds: dict[str, float] = {}
-    order = None
     if selection is None:
-        start = time.perf_counter()
-        chosen = selection_path(
-            features,
-            labels,
-            n_features,
-            alpha=select_alpha,
-            val_fraction=val_fraction,
-            seed=seed,
-            n_lambdas=n_lambdas,
-            eps=eps,
-            tol=tol,
-            max_iter=max_iter,
-            dtype=dtype,
-            progress=progress,
-        )
-        selection, order = chosen.indices, chosen.order
-        seconds["select"] = time.perf_counter() - start
-        columns = features[:, selection.to(features.device)]
+        select_alpha = check_alpha(select_alpha)
+        n_features = check_n_features(n_features, num_columns)
     else:
         selection = torch.as_tensor(selection, dtype=torch.int64).flatten().cpu()
         if selection.numel() != num_columns:
@@ -118,27 +102,45 @@ def sparsify(
                 f"selection names {selection.numel()} channels but features has {num_columns} columns; with a "
                 "selection, pass the features of exactly those channels (in that order)"
             )
+    alpha = check_alpha(alpha)
+    check_settings(dtype, tol, max_iter)
+    train, val = split_indices(features.shape[0], val_fraction, seed)
+    train, val = train.to(features.device), val.to(features.device)
+    check_classes(labels[train], num_classes, name=f"the training split (val_fraction={val_fraction})")
+    path_settings = dict(n_lambdas=n_lambdas, eps=eps, tol=tol, max_iter=max_iter, progress=progress)
+
+    seconds: dict[str, float] = {}
+    order = None
+    if selection is None:
+        start = time.perf_counter()
+        # Selection normalises with the statistics of all rows and fits on the training rows.
+        candidates = normalize_features(features.to(dtype))[0]
+        chosen = fit_selection(
+            candidates.index_select(0, train),
+            labels.index_select(0, train),
+            num_classes,
+            n_features,
+            alpha=select_alpha,
+            **path_settings,
+        )
+        selection, order = chosen.indices, chosen.order
+        seconds["select"] = time.perf_counter() - start
+        columns = features[:, selection.to(features.device)]
+    else:
         columns = features
 
     start = time.perf_counter()
     normalized, mean, std = normalize_features(columns.to(dtype))
-    train, val = split_indices(normalized.shape[0], val_fraction, seed)
-    train, val = train.to(features.device), val.to(features.device)
-    num_classes = int(labels.max()) + 1
-    _check_classes(labels[train], num_classes, name=f"the training split (val_fraction={val_fraction})")
     path = elastic_net_path(
         normalized[train],
         labels[train],
         alpha=alpha,
-        n_lambdas=n_lambdas,
-        eps=eps,
         X_val=normalized[val] if val.numel() else None,
         y_val=labels[val] if val.numel() else None,
         num_classes=num_classes,
-        tol=tol,
-        max_iter=max_iter,
         dtype=dtype,
-        progress=progress,
+        check_input=False,
+        **path_settings,
     )
     seconds["path"] = time.perf_counter() - start
 

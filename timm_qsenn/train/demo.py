@@ -89,10 +89,10 @@ def explain_demo(config: TrainConfig, images: int = 4) -> str:
     """Explain the trained demo model: class table, a few test images, an HTML report; returns the text to show."""
     import json
 
+    from ..data import build_datasets, eval_loader
     from ..explain import explain_image, global_explanation, write_report
     from ..hub import load_model
     from ..metrics import QSENNMetrics
-    from .data import build_datasets, eval_loader
 
     run = Path(config.run.output)
     out = run / "explanations"

@@ -29,9 +29,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .._utils import atomic_write, atomic_write_text, environment
+from ..data import DataBundle, build_datasets, eval_loader, train_loader
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
-from .data import DataBundle, build_datasets, eval_loader, train_loader
 from .distributed import on_every, on_main
 from .loop import TrainModule, evaluate_accuracy, train_epoch
 from .run_folder import RunExistsError, RunFolder, RunState
@@ -277,7 +277,8 @@ class QSENNTrainer:
 
     def _sparsify(self, model: QSENN, iteration: int) -> None:
         """Features of the training set -> (selection) -> path -> ternary layer, computed once, installed everywhere."""
-        from ..sparse import extract_features, sparsify
+        from ..features import extract_features
+        from ..sparse import sparsify
 
         acc, cfg = self.accelerator, self.config
         phase = f"sparse_{iteration}"

@@ -10,10 +10,10 @@ import timm
 from accelerate import Accelerator
 
 from ..backbone import check_backbone_name
+from ..data import DataBundle
 from ..pretrained import inspect_checkpoint
 from ..qsenn import QSENN
 from .config import TrainConfig
-from .data import DataBundle
 
 __all__ = ["build_accelerator", "weights_file", "build_model", "describe_data", "check_sparse_settings"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from timm_qsenn.sparse import clear_feature_cache, dataset_fingerprint, extract_features
+from timm_qsenn.features import clear_feature_cache, dataset_fingerprint, extract_features
 
 
 class Scale:
@@ -108,7 +108,7 @@ def test_corrupt_cache_file_is_detected_and_recomputed(tiny_cnn, tmp_path, caplo
         data[-7] ^= 0xFF  # inside the tensor data, past the header
     path.write_bytes(bytes(data))
     calls = count_forwards(tiny_cnn)
-    with caplog.at_level(logging.WARNING, logger="timm_qsenn.sparse.features"):
+    with caplog.at_level(logging.WARNING, logger="timm_qsenn.features"):
         again = extract_features(tiny_cnn, loader_of(dataset), cache_dir=tmp_path)
     assert calls["n"] == 3 and "recomputing" in caplog.text
     assert torch.equal(again.features, first.features)
@@ -147,7 +147,7 @@ def test_generic_fingerprint_sees_tensor_content_and_item_lists(caplog):
         def __len__(self):
             return 3
 
-    with caplog.at_level(logging.WARNING, logger="timm_qsenn.sparse.features"):
+    with caplog.at_level(logging.WARNING, logger="timm_qsenn.features"):
         dataset_fingerprint(Opaque())
     assert "fingerprint()" in caplog.text
 
@@ -168,3 +168,26 @@ def test_accelerator_gathers_every_row_in_dataset_order(tiny_cnn, tmp_path):
     assert result.labels.tolist() == dataset.labels.tolist()
     assert torch.allclose(result.features, plain.features, atol=1e-5)
     assert cached.key == result.key and torch.equal(cached.features, result.features)
+
+
+def test_the_old_sparse_paths_still_work_with_a_deprecation_warning():
+    import subprocess
+    import sys
+
+    import timm_qsenn.features as features
+
+    # Importing sparse never loads the feature extraction (models and loaders): sparse works on tensors only.
+    code = "import sys, timm_qsenn.sparse; assert 'timm_qsenn.features' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import timm_qsenn.sparse as sparse
+
+    for name in ("FeatureSet", "extract_features", "pooled_features", "clear_feature_cache"):
+        with pytest.warns(DeprecationWarning, match=f"import {name} from timm_qsenn.features"):
+            assert getattr(sparse, name) is getattr(features, name)
+    for name in ("feature_cache_key", "dataset_fingerprint"):
+        with pytest.warns(DeprecationWarning, match=f"timm_qsenn.sparse.features.{name} is deprecated"):
+            from timm_qsenn.sparse import features as old
+
+            assert getattr(old, name) is getattr(features, name)
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        sparse.missing  # noqa: B018

@@ -3,25 +3,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from timm_qsenn.train.config import load_config
-from timm_qsenn.train.data import (
-    EpochSampler,
-    SeededAugmentation,
-    build_datasets,
+from timm_qsenn.data import (
     read_cub200,
     read_dataset,
     read_fashion_mnist,
     read_fgvc_aircraft,
+    read_idx,
     read_travelingbirds,
 )
+from timm_qsenn.train.config import load_config
 
-
-def _image(path: Path, size=(20, 16), value=128) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (value, 255 - value, 0)).save(path)
+from .conftest import write_image
 
 
 def _cub(root: Path) -> Path:
@@ -34,7 +27,7 @@ def _cub(root: Path) -> Path:
         for i in range(3):
             image_id += 1
             rel = f"{name}/img_{i}.jpg"
-            _image(base / "images" / rel, value=60 * c + 10 * i)
+            write_image(base / "images" / rel, value=60 * c + 10 * i)
             lines["images"].append(f"{image_id} {rel}")
             lines["labels"].append(f"{image_id} {c + 1}")
             lines["split"].append(f"{image_id} {int(i < 2)}")
@@ -66,7 +59,7 @@ def test_travelingbirds_takes_cub_split(tmp_path):
     for split in ("train", "test"):
         for rel in (cub / "images.txt").read_text().split():
             if "/" in rel:
-                _image(tmp_path / "tb" / "CUB_fixed" / split / rel, value=200)
+                write_image(tmp_path / "tb" / "CUB_fixed" / split / rel, value=200)
     train = read_travelingbirds(str(tmp_path / "tb"), "train", str(cub))
     test = read_travelingbirds(str(tmp_path / "tb"), "test", str(cub))
     assert len(train) == 4 and len(test) == 2
@@ -82,7 +75,7 @@ def test_fgvc_aircraft_variants(tmp_path):
     (data / "images_variant_trainval.txt").write_text("0001 707-320\n0002 A300B4\n0003 A300B4\n")
     (data / "images_variant_test.txt").write_text("0004 707-320\n")
     for i in range(1, 5):
-        _image(data / "images" / f"{i:04d}.jpg")
+        write_image(data / "images" / f"{i:04d}.jpg")
     train, test = read_fgvc_aircraft(str(tmp_path), "train"), read_fgvc_aircraft(str(tmp_path), "test")
     assert [label for _, label in train.samples] == [0, 1, 1] and len(test) == 1
     assert train.classes == ["707-320", "A300B4"]
@@ -107,23 +100,8 @@ def test_fashion_mnist_idx_files(tmp_path):
         read_fashion_mnist(str(tmp_path), "test")
     with gzip.open(tmp_path / "bad-images-idx3-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x00" * 3)
-    from timm_qsenn.train.data import _read_idx
-
     with pytest.raises(ValueError, match="truncated"):
-        _read_idx(tmp_path / "bad-images-idx3-ubyte.gz")
-
-
-def test_image_folder_and_subsets(tmp_path):
-    for split in ("train", "val"):
-        for c in ("cat", "dog"):
-            for i in range(3):
-                _image(tmp_path / split / c / f"{i}.png", value=40 * i)
-    cfg = load_config(overrides=[f"data.root={tmp_path}", "data.img_size=16", "data.train_per_class=2"]).data
-    bundle = build_datasets(cfg)
-    assert bundle.classes == ["cat", "dog"] and len(bundle.train) == 4 and len(bundle.test) == 6
-    image, _ = bundle.train_eval[0]
-    assert tuple(image.shape) == (3, 16, 16)
-    assert bundle.train.transform is not bundle.train_eval.transform
+        read_idx(tmp_path / "bad-images-idx3-ubyte.gz")
 
 
 @pytest.mark.parametrize(
@@ -146,30 +124,3 @@ def test_incomplete_cub_names_the_missing_file(tmp_path):
     (base / "train_test_split.txt").unlink()
     with pytest.raises(FileNotFoundError, match="missing train_test_split.txt"):
         read_cub200(str(base), "train")
-
-
-def test_epoch_sampler_is_a_function_of_seed_and_epoch():
-    sampler = EpochSampler(10, seed=3)
-    sampler.start_epoch(2)
-    order = list(sampler)
-    assert sorted(order) == list(range(10))
-    sampler.start_epoch(1)
-    assert list(sampler) != order
-    sampler.start_epoch(2, skip=4)
-    assert list(sampler) == order[4:] and len(sampler) == 6
-
-
-def test_seeded_augmentation_repeats_per_sample_and_epoch():
-    class Noise(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            return torch.rand(1).item()
-
-    data = SeededAugmentation(Noise(), seed=0)
-    first = [data[i] for i in range(4)]
-    torch.rand(5)  # the global RNG moves on; the samples do not
-    assert [data[i] for i in (3, 2, 1, 0)] == first[::-1]
-    data.epoch = 1
-    assert [data[i] for i in range(4)] != first

@@ -1,0 +1,318 @@
+"""The data of one fit and what is computed from it: validation, the problem, a solution, the null model, the
+KKT tolerance. The path and the feature selection are both built from these pieces and :func:`solve_point`.
+
+Internally the weights and the bias are one parameter matrix theta = [W | b] (C x (F + 1)) acting on the
+features with a column of ones appended: one matmul gives all logits, one the whole gradient, and the
+per-iteration bookkeeping runs on one small tensor instead of two. The products of the rows with the
+parameters (logits, gradient, curvature, KKT residuals, the first step size) are methods of :class:`Problem`,
+so that the solvers above it never touch the rows themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Problem",
+    "Solution",
+    "NullModel",
+    "check_alpha",
+    "check_settings",
+    "check_problem",
+    "check_classes",
+    "null_model",
+    "kkt_tolerance",
+]
+
+_logger = logging.getLogger(__name__)
+
+# Entries of the diagonal (Jacobi) metric are floored at this share of their mean, so that a coordinate
+# with almost no curvature does not get an unbounded step.
+_METRIC_FLOOR = 0.3
+# A KKT violation below this many times the measured gradient rounding cannot be told from zero.
+_ROUNDING_MARGIN = 4.0
+
+
+# -- validation, once at each public boundary --------------------------------------------------------------
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, checked to lie in (0, 1]."""
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1] (the L1 share of the penalty), got {alpha}")
+    return float(alpha)
+
+
+def check_settings(dtype: torch.dtype, tol: float, max_iter: int) -> None:
+    """Check the solver settings: a float32 or float64 solve, a positive tolerance, at least one iteration."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"tol must be positive and max_iter at least 1, got tol={tol}, max_iter={max_iter}")
+
+
+def check_problem(
+    X: Tensor, y: Tensor, num_classes: int | None = None, name: str = "X", dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """Validate a feature matrix and its labels once; return them on one device plus the class count."""
+    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"{name} and its labels must be torch tensors, got {type(X).__name__}, {type(y).__name__}")
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (samples x features) matrix, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {X.dtype}; convert it with .float()")
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"labels for {name} must be a 1-D tensor with one entry per row ({X.shape[0]}), got shape {tuple(y.shape)}"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"labels for {name} must be integer class indices, got {y.dtype}")
+    if not torch.isfinite(X).all():
+        bad = (~torch.isfinite(X)).any(dim=0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} contains NaN or inf in columns {bad[:10]}{'...' if len(bad) > 10 else ''}; check the "
+            "feature extraction (e.g. fp16 overflow) before fitting"
+        )
+    y = y.to(device=X.device, dtype=torch.int64)
+    if int(y.min()) < 0:
+        raise ValueError(f"labels for {name} must be non-negative class indices, got {int(y.min())}")
+    top = int(y.max()) + 1
+    if num_classes is None:
+        num_classes = top
+    elif top > num_classes:
+        raise ValueError(f"labels for {name} go up to {top - 1} but num_classes is {num_classes}")
+    if dtype is not None:
+        X = X.to(dtype)
+    return X, y, num_classes
+
+
+def check_classes(y: Tensor, num_classes: int, name: str = "X") -> Tensor:
+    """Class frequencies; every class must occur, or its unpenalised bias would diverge to -inf."""
+    counts = torch.bincount(y, minlength=num_classes)
+    if num_classes < 2:
+        raise ValueError(f"the labels for {name} hold a single class; a classifier needs at least two")
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no rows in {name}; the unpenalised "
+            "bias of an absent class diverges. Use a split that keeps every class (e.g. val_fraction=0) or "
+            "remap the labels to 0..K-1"
+        )
+    return counts
+
+
+# -- a solution and the problem ----------------------------------------------------------------------------
+
+
+@dataclass
+class Solution:
+    """A point ``theta = [W | b]`` with its logits and, once known, its probabilities and smooth gradient."""
+
+    theta: Tensor  # C x (F + 1)
+    logits: Tensor  # n x C
+    probs: Tensor | None = None
+    grad: Tensor | None = None
+    step: float = 1.0  # the step size the next solve starts from
+
+    @property
+    def weight(self) -> Tensor:
+        """The class weights W (C x F), a view of theta."""
+        return self.theta[:, :-1]
+
+    @property
+    def bias(self) -> Tensor:
+        """The biases b (C), a view of theta."""
+        return self.theta[:, -1]
+
+
+@dataclass
+class Problem:
+    """Training data with the constants every gradient needs; optionally with its last class frozen.
+
+    A frozen last class stands for several classes merged into one (see :meth:`restrict`): its weights stay
+    zero and its bias stays put. Softmax ignores a common shift of the biases, so fixing that one bias only
+    fixes the shift; letting it move instead would put its gradient, a difference of two numbers near 1 when
+    the merged class holds most of the probability, at the mercy of float32 rounding.
+    """
+
+    X1: Tensor  # n x (F + 1): the features and a column of ones
+    y: Tensor  # n
+    targets: Tensor  # C x (F + 1): X1^T Y, the constant part of the gradient (class sums and class counts)
+    x_absmax: float  # largest |X1| entry, for rounding bounds
+    frozen_last: bool = False
+
+    @classmethod
+    def build(cls, X: Tensor, y: Tensor, num_classes: int) -> Problem:
+        """The problem of validated features ``X`` (n x F) and labels ``y`` in ``[0, num_classes)``."""
+        X1 = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+        targets = X1.new_zeros(num_classes, X1.shape[1]).index_add_(0, y, X1)
+        return cls(X1, y, targets, float(X1.abs().max()))
+
+    @property
+    def n(self) -> int:
+        """The number of rows."""
+        return self.X1.shape[0]
+
+    def columns(self, cols: Tensor) -> Problem:
+        """The same problem on the feature columns ``cols`` only."""
+        keep = torch.cat([cols.to(self.X1.device), cols.new_full((1,), self.X1.shape[1] - 1).to(self.X1.device)])
+        return Problem(self.X1[:, keep], self.y, self.targets[:, keep], self.x_absmax)
+
+    def restrict(self, active: Tensor) -> tuple[Problem, Tensor, Tensor]:
+        """The problem on the ``active`` classes plus one frozen class merging the rest.
+
+        With every weight row of the rest at zero their logits are their biases, the same on every row, so
+        they act as one class whose bias is their logsumexp; at any optimum their biases split as
+        ``log(counts)``. Returns the problem, the rest's class indices and their log shares of that class.
+        """
+        num_classes = self.targets.shape[0]
+        rest = torch.ones(num_classes, dtype=torch.bool, device=self.X1.device)
+        rest[active] = False
+        rest = rest.nonzero().flatten()
+        label_map = torch.full((num_classes,), active.numel(), dtype=torch.int64, device=self.X1.device)
+        label_map[active] = torch.arange(active.numel(), device=self.X1.device)
+        targets = torch.cat([self.targets[active], self.targets[rest].sum(dim=0, keepdim=True)])
+        rest_counts = self.targets[rest, -1]
+        log_share = (rest_counts / rest_counts.sum()).log()
+        return Problem(self.X1, label_map[self.y], targets, self.x_absmax, True), rest, log_share
+
+    def start(self, bias: Tensor) -> Solution:
+        """The all-zero-weight solution with ``bias``: the null model, where a path starts."""
+        theta = bias.new_zeros(bias.shape[0], self.X1.shape[1])
+        theta[:, -1] = bias
+        return Solution(theta, bias.expand(self.n, -1).clone())
+
+    def logits(self, theta: Tensor) -> Tensor:
+        """The n x C logits of the parameters ``theta``."""
+        return self.X1 @ theta.t()
+
+    def gradient(self, probs: Tensor, theta: Tensor | None = None, ridge: float = 0.0) -> Tensor:
+        """Gradient of the mean cross-entropy at ``probs`` (plus ``ridge * W`` of ``theta``), weights and bias.
+
+        ``X1^T (P - Y) / n`` with the constant ``X1^T Y`` precomputed: no n x C one-hot residual is formed.
+        """
+        grad = (probs.t() @ self.X1).sub_(self.targets).div_(self.n)
+        if ridge and theta is not None:
+            grad[:, :-1].add_(theta[:, :-1], alpha=ridge)
+        if self.frozen_last:
+            grad[-1] = 0.0
+        return grad
+
+    def curvature(self, probs: Tensor, group: bool) -> Tensor:
+        """Diagonal of the CE Hessian at ``probs`` (Jacobi preconditioner), one entry per parameter.
+
+        The L1 prox stays an elementwise soft threshold under a diagonal metric; the group prox needs one scale
+        per column, so with ``group`` the weight columns are averaged over classes.
+        """
+        curvature = probs * (1.0 - probs)
+        h = (curvature.t() @ self.X1.square()).div_(self.n)
+        if group:
+            h[:, :-1] = h[:, :-1].mean(dim=0, keepdim=True)
+        floor = max(_METRIC_FLOOR * float(h.mean()), torch.finfo(h.dtype).eps)
+        return h.clamp_min(floor)
+
+    def kkt(self, solution: Solution, lam: float, alpha: float, group: bool) -> tuple[float, Tensor]:
+        """Largest KKT violation at ``solution`` and its parts (see :func:`_violations`).
+
+        Stores the probabilities and the smooth gradient on ``solution``, for the solve that may follow.
+        """
+        solution.probs = torch.softmax(solution.logits, dim=1)
+        solution.grad = self.gradient(solution.probs, solution.theta, lam * (1.0 - alpha))
+        parts = _violations(solution.grad, solution.theta, lam, alpha, group)
+        return float(parts.max()), parts
+
+    def first_step(self, iters: int = 30) -> float:
+        """A first step size under the Jacobi metric: the inverse of the largest eigenvalue of the Gram matrix
+        of ``X1`` with unit diagonal (features as correlated as they are), by power iteration; the search
+        adapts it."""
+        X1, n = self.X1, self.n
+        diag = X1.square().mean(dim=0).clamp_min(torch.finfo(X1.dtype).tiny).sqrt()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(X1.shape[1], generator=gen, dtype=X1.dtype).to(X1.device)
+        sigma = 1.0
+        for _ in range(iters):
+            w = (X1.t() @ (X1 @ (v / diag))) / (n * diag)
+            sigma = float(w.norm())
+            if sigma == 0.0:
+                return 1.0
+            v = w / sigma
+        return 1.0 / sigma
+
+
+def _violations(grad: Tensor, theta: Tensor, lam: float, alpha: float, group: bool) -> Tensor:
+    """Distance of 0 from the subdifferential per class row (per feature column with ``group``); the bias,
+    unpenalised, must have a zero gradient and counts in every class row."""
+    l1 = lam * alpha
+    g_w, w = grad[:, :-1], theta[:, :-1]
+    if group:
+        norms = w.norm(dim=0)
+        unit = w / norms.clamp_min(torch.finfo(w.dtype).tiny)
+        inside = (g_w + l1 * unit).norm(dim=0)
+        outside = (g_w.norm(dim=0) - l1).clamp_min(0.0)
+        per_column = torch.where(norms > 0, inside, outside)
+        return torch.cat([per_column, grad[:, -1].abs()])
+    per_entry = torch.where(w != 0, (g_w + l1 * w.sign()).abs(), (g_w.abs() - l1).clamp_min(0.0))
+    return torch.maximum(per_entry.amax(dim=1), grad[:, -1].abs())
+
+
+# -- the null model and the tolerance ----------------------------------------------------------------------
+
+
+@dataclass
+class NullModel:
+    """The all-zero-weight model, optimal (exactly, by the KKT conditions) for every lambda >= ``lambda_max``."""
+
+    bias: Tensor  # C: log class frequencies, centred
+    grad: Tensor  # C x F: the cross-entropy gradient w.r.t. W there
+    scale: float  # its largest entry (largest column L2 norm with group): alpha * lambda_max
+    lambda_max: float
+
+
+def null_model(X: Tensor, y: Tensor, num_classes: int, alpha: float, group: bool) -> NullModel:
+    """The null model of validated features ``X`` and labels ``y``: the one place lambda_max is computed.
+
+    ``lambda_max = max_{c,j} |X^T (Y - Ybar)|_{jc} / (n * alpha)``, or with ``group`` the largest column L2
+    norm over classes; as in glm-saga, computed on the matrix as given.
+    """
+    counts = check_classes(y, num_classes)
+    freq = counts.to(X.dtype) / X.shape[0]
+    bias = freq.log()
+    bias = bias - bias.mean()
+    # X^T (P - Y) / n with P the class frequencies on every row, written without an n x C one-hot matrix.
+    class_sums = torch.zeros(num_classes, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y, X)
+    grad = freq[:, None] * X.mean(dim=0)[None, :] - class_sums / X.shape[0]
+    scale = float(grad.norm(dim=0).max() if group else grad.abs().max())
+    return NullModel(bias, grad, scale, scale / alpha)
+
+
+def kkt_tolerance(problem: Problem, null: NullModel, tol: float, group: bool) -> tuple[float, float]:
+    """The KKT tolerance ``tol * alpha * lambda_max``, raised to what the solver's arithmetic can resolve on
+    ``problem``, and the measured rounding of the gradient it is based on.
+
+    The gradient at the null model is known twice: from class sums (``null.grad``) and from the GEMM every
+    iteration uses, whose summation order depends on the BLAS and the CPU. Their difference, and the bias
+    gradient there (exactly zero in exact arithmetic), measure the rounding of the gradient on these
+    features; a violation below a few times that is noise, so asking for less could never be met.
+    """
+    requested = tol * null.scale if null.scale > 0 else tol
+    probs = torch.softmax(problem.start(null.bias).logits, dim=1)
+    grad = problem.gradient(probs)
+    diff = grad[:, :-1] - null.grad
+    weight_error = float(diff.norm(dim=0).max() if group else diff.abs().max())
+    rounding = max(weight_error, float(grad[:, -1].abs().max()))
+    floor = _ROUNDING_MARGIN * rounding
+    if floor <= requested:
+        return requested, rounding
+    _logger.warning(
+        "KKT tolerance %.3g is below the rounding of %s gradients on these features (%.3g); solving to %.3g "
+        "instead (dtype=torch.float64 resolves tighter tolerances)",
+        requested,
+        str(problem.X1.dtype).removeprefix("torch."),
+        rounding,
+        floor,
+    )
+    return floor, rounding
