@@ -12,8 +12,6 @@ and the normalisation, so loading a checkpoint restores the head's structure (nu
 stage, frozen layers) before its values.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import torch
@@ -50,7 +48,7 @@ def _create_fc(in_features: int, num_classes: int, device=None, dtype=None) -> n
     return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
 
 
-def _save_stage(module: QSENNHead, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+def _save_stage(module: "QSENNHead", state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     state_dict[prefix + _STAGE_KEY] = torch.tensor(STAGES.index(module.stage), dtype=torch.int64)
 
 

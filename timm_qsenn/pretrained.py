@@ -42,30 +42,23 @@ _logger = logging.getLogger(__name__)
 
 HUB_CONFIGS_ENV = "TIMM_QSENN_HUB_CONFIGS"
 
-# Backbones registered as ``<name>_qsenn``, with the backbone kwargs each needs to accept any input size.
-_TOKEN_GRID = {"dynamic_img_size": True}
-CURATED_BACKBONES: dict[str, dict[str, Any]] = {
-    "resnet18": {},
-    "resnet34": {},
-    "resnet50": {},
-    "resnet101": {},
-    "resnet152": {},
-    "densenet121": {},
-    "inception_v3": {},
-    "convnext_tiny": {},
-    "convnext_small": {},
-    "convnext_base": {},
-    "efficientnet_b0": {},
-    "efficientnet_b3": {},
-    "tf_efficientnet_lite0": {},
-    "vit_small_patch16_224": _TOKEN_GRID,
-    "vit_base_patch16_224": _TOKEN_GRID,
-    "deit_small_patch16_224": _TOKEN_GRID,
-    "vit_small_patch14_dinov2": _TOKEN_GRID,
-    "vit_base_patch14_dinov2": _TOKEN_GRID,
-    "eva02_small_patch14_224": _TOKEN_GRID,
-    "swin_tiny_patch4_window7_224": {"strict_img_size": False},
-}
+# Backbones registered as ``<name>_qsenn``. The token models keep the input size timm builds them for (their cfg
+# says fixed_input_size, so timm's tools use it); img_size=... builds them for another size, and
+# backbone_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True} for any size per batch (eager, TorchScript and
+# torch.compile; not FX, like timm's own dynamic-size ViTs).
+CURATED_BACKBONES: tuple[str, ...] = (
+    *("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121", "inception_v3"),
+    *(
+        "convnext_tiny",
+        "convnext_small",
+        "convnext_base",
+        "efficientnet_b0",
+        "efficientnet_b3",
+        "tf_efficientnet_lite0",
+    ),
+    *("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_patch16_224", "vit_small_patch14_dinov2"),
+    *("vit_base_patch14_dinov2", "eva02_small_patch14_224", "swin_tiny_patch4_window7_224"),
+)
 
 SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename")
 _VARIANT_DATA_KEYS = (
@@ -99,7 +92,11 @@ def variant_cfg(backbone_cfg: PretrainedCfg, backbone: str) -> PretrainedCfg:
         classifier="head.fc",
         license=backbone_cfg.license,
         origin_url=backbone_cfg.origin_url,
-        notes=(f"Backbone weights of timm's {backbone}; the Q-SENN head is freshly initialised.",),
+        notes=(
+            f"Backbone weights of timm's {backbone}. With the backbone's own number of classes the dense head is "
+            "its pretrained classifier where that is exactly a linear layer on the mean-pooled feature maps "
+            "Q-SENN reads (ResNet, DenseNet, EfficientNet, Inception-v3, ...); otherwise the head is fresh.",
+        ),
     )
 
 
@@ -156,12 +153,8 @@ def build_default_cfgs() -> dict[str, Any]:
     cfgs: dict[str, PretrainedCfg] = {}
     for backbone in CURATED_BACKBONES:
         arch = f"{backbone}_qsenn"
-        any_size = CURATED_BACKBONES[backbone].get("dynamic_img_size") or (
-            CURATED_BACKBONES[backbone].get("strict_img_size") is False
-        )
         for tag, cfg in _backbone_tags(backbone).items():
-            cfg = variant_cfg(cfg, f"{backbone}.{tag}")
-            cfgs[f"{arch}.{tag}"] = replace(cfg, fixed_input_size=False) if any_size else cfg
+            cfgs[f"{arch}.{tag}"] = variant_cfg(cfg, f"{backbone}.{tag}")
             _BACKBONE_WEIGHT_TAGS.add(f"{arch}.{tag}")
     registered = {f"{b}_qsenn" for b in CURATED_BACKBONES} | {"qsenn"}
     for name, config in _HUB_CONFIGS.items():

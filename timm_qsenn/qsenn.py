@@ -4,18 +4,25 @@ The module name is unique on purpose: timm files registered models under the las
 name, so ``timm.list_models(module='qsenn')`` lists exactly the models registered here.
 """
 
-from __future__ import annotations
-
 import logging
 import math
 from functools import partial
 from typing import Any
 
+import timm
 import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
-from .backbone import create_backbone
+from .backbone import (
+    create_backbone,
+    feature_layout,
+    image_batch_check,
+    probe_features,
+    prune_unused,
+    spatial_maps,
+    tokens_to_maps,
+)
 from .head import QSENNHead, QSENNOutput
 from .pretrained import CURATED_BACKBONES, HUB_CONFIGS_ENV, build_default_cfgs, plan_weights
 from .ternary import unpack_layer
@@ -88,16 +95,46 @@ class QSENN(nn.Module):
             ).items()
             if v is not None
         }
+        # With the backbone's own class count, its pretrained classifier can become the dense head (see below).
+        adopt = pretrained_backbone and num_classes > 0 and num_classes == _backbone_num_classes(backbone)
         self.backbone = create_backbone(
-            backbone, pretrained_backbone, in_chans=in_chans, **extra, **(backbone_kwargs or {})
+            backbone,
+            pretrained_backbone,
+            in_chans=in_chans,
+            num_classes=num_classes if adopt else 0,
+            **extra,
+            **(backbone_kwargs or {}),
         )
+        classifier = _linear_on_pooled_maps(self.backbone, in_chans, img_size) if adopt else None
+        if adopt:
+            self.backbone.reset_classifier(0)
         self.num_features = self.backbone.num_features
         # Token backbones: prefix tokens (class, register, distillation) are dropped before the grid.
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
-        self.channels_last_output = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"
+        size = _probe_size(self.backbone, in_chans, img_size)
+        architecture = {k: v for k, v in {**extra, **(backbone_kwargs or {})}.items() if k not in _NOT_ARCHITECTURE}
+        probe = probe_features(self.backbone, size, key=(backbone, repr(sorted(architecture.items())), size))
+        self.feature_layout = feature_layout(self.backbone, probe)
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        self.patch_size = [int(p) for p in getattr(patch_embed, "patch_size", (1, 1))]
+        self.patch_padded = bool(getattr(patch_embed, "dynamic_img_pad", False))
+        # Layers after the feature maps (head norms, a conv head) are never used: removed, and their keys in
+        # older checkpoints ignored on load.
+        removed = prune_unused(self.backbone, probe.unused) if probe is not None else []
+        self.pruned = ["backbone." + name for name in removed]
+        self.register_load_state_dict_pre_hook(_drop_pruned_keys)
+        # timm's feature API (features_only, FeatureGetterNet): the backbone's, under the ``backbone.`` prefix.
+        self.feature_info = [
+            dict(info, module="backbone." + info["module"]) for info in getattr(self.backbone, "feature_info", [])
+        ]
         self.head = QSENNHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, device=device, dtype=dtype
         )
+        self.head_from_backbone = classifier is not None
+        if classifier is not None:
+            with torch.no_grad():
+                self.head.fc.weight.copy_(classifier.weight)
+                self.head.fc.bias.copy_(classifier.bias)
 
     @property
     def head_hidden_size(self) -> int:
@@ -135,31 +172,50 @@ class QSENN(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Backbone feature maps as B x C x H x W, for CNNs and token models alike."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected a B x {self.in_chans} x H x W image batch, got shape {list(x.shape)}; for images "
-                "with C channels create the model with in_chans=C"
-            )
-        return self._to_grid(self.backbone.forward_features(x), x.shape[2], x.shape[3])
+        x = image_batch_check(x, self.in_chans)
+        return self._to_maps(self.backbone.forward_features(x), x)
 
-    def _to_grid(self, x: Tensor, height: int, width: int) -> Tensor:
-        if x.ndim == 4:
-            return x.permute(0, 3, 1, 2) if self.channels_last_output else x
-        if x.ndim == 3:
-            x = x[:, self.num_prefix_tokens :]
-            batch, count, channels = x.shape
-            rows = int(math.floor(math.sqrt(count * height / width) + 0.5))
-            cols = count // max(rows, 1)
-            if rows * cols != count:
-                raise ValueError(
-                    f"cannot arrange {count} tokens of backbone {self.backbone_name} in a grid for a "
-                    f"{height} x {width} input; set num_prefix_tokens on the backbone if it has prefix tokens"
-                )
-            return x.transpose(1, 2).reshape(batch, channels, rows, cols)
-        raise ValueError(
-            f"backbone {self.backbone_name} has no spatial features: forward_features returned shape "
-            f"{list(x.shape)}; Q-SENN needs B x C x H x W maps or B x N x C tokens, choose a CNN or ViT backbone"
+    def _to_maps(self, features: Tensor, image: Tensor) -> Tensor:
+        if self.feature_layout == "NHWC":
+            return features.permute(0, 3, 1, 2)
+        if self.feature_layout == "tokens":
+            return tokens_to_maps(features, image, self.num_prefix_tokens, self.patch_size, self.patch_padded)
+        return spatial_maps(features, self.backbone_name)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The backbone's intermediate features (its ``forward_intermediates``); the final ones as Q-SENN maps."""
+        x = image_batch_check(x, self.in_chans)
+        out = self.backbone.forward_intermediates(
+            x,
+            indices=indices,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
         )
+        if intermediates_only:
+            return out
+        final, intermediates = out
+        return self._to_maps(final, x), intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the backbone's layers after the given intermediates (and the class layer with ``prune_head``)."""
+        take = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=False)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -187,6 +243,77 @@ def _prefixed_matcher_fn(matcher: Any, name: str) -> Any:
     if name.startswith("backbone."):
         return matcher(name.removeprefix("backbone."))
     return float("inf")  # the head, in the last group
+
+
+# Construction kwargs that do not change which layers a backbone has (so not part of its probe's key).
+_NOT_ARCHITECTURE = frozenset({"device", "dtype", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate", "drop_rate"})
+
+
+def _backbone_num_classes(backbone: str) -> int | None:
+    cfg = timm.get_pretrained_cfg(backbone) if timm.is_model(backbone.split(".", 1)[0]) else None
+    return getattr(cfg, "num_classes", None)
+
+
+def _default_feature_indices(model_kwargs: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """The out_indices of the backbone's own ``features_only`` model (built on the meta device to read them)."""
+    if not kwargs.get("features_only") or "out_indices" in kwargs:
+        return None
+    backbone = model_kwargs.get("backbone", "resnet50")
+    extra = {
+        k: v for k, v in (model_kwargs.get("backbone_kwargs") or {}).items() if k not in ("pretrained_cfg_overlay",)
+    }
+    features = timm.create_model(backbone, features_only=True, feature_cls="getter", device="meta", **extra)
+    return tuple(features.feature_info.out_indices)
+
+
+def _probe_size(backbone: nn.Module, in_chans: int, img_size: Any) -> tuple[int, int, int]:
+    """An input size the backbone accepts: the one it was built for, else its pretrained cfg's."""
+    if img_size is None:
+        img_size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size", (in_chans, 224, 224))[1:]
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return in_chans, int(height), int(width)
+
+
+def _linear_on_pooled_maps(backbone: nn.Module, in_chans: int, img_size: Any) -> nn.Linear | None:
+    """The backbone's classifier when it is exactly a linear layer on the mean-pooled maps Q-SENN reads.
+
+    Decided numerically on a random batch: then the backbone's pretrained logits are the dense head's.
+    """
+    classifier = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    if not isinstance(classifier, nn.Linear) or classifier.in_features != backbone.num_features:
+        return None
+    size = _probe_size(backbone, in_chans, img_size)
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(classifier.weight)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            features = backbone.forward_features(x)
+            if features.ndim != 4 or getattr(backbone, "output_fmt", "NCHW") != "NCHW":
+                return None
+            expected = backbone.forward_head(features)
+            pooled = classifier(features.mean(dim=(2, 3)))
+    finally:
+        backbone.train(was_training)
+    tolerance = 1e-4 * (1 + float(expected.abs().max()))
+    return copy_linear(classifier) if float((pooled - expected).abs().max()) <= tolerance else None
+
+
+def copy_linear(layer: nn.Linear) -> nn.Linear:
+    """A detached copy of a linear layer (its weights outlive the backbone's classifier)."""
+    copy = nn.Linear(layer.in_features, layer.out_features, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        copy.weight.copy_(layer.weight)
+        copy.bias.copy_(layer.bias)
+    return copy
+
+
+def _drop_pruned_keys(module: QSENN, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """A load_state_dict pre-hook: keys of the removed backbone layers (in older checkpoints) are ignored."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        if any(name == p or name.startswith(p + ".") for p in module.pruned):
+            del state_dict[key]
 
 
 # -- pretrained weights ------------------------------------------------------------------------------------
@@ -244,19 +371,30 @@ def _create_qsenn(variant: str, pretrained: bool = False, **kwargs: Any) -> QSEN
         pretrained_cfg=plan.cfg,
         pretrained_filter_fn=checkpoint_filter_fn,
         cache_dir=cache_dir,
+        # features_only wraps the model in timm's FeatureGetterNet, which reads forward_intermediates, by default
+        # at the levels the backbone's own features_only model returns.
+        feature_cfg={"feature_cls": "getter", "out_indices": _default_feature_indices(plan.model_kwargs, kwargs)},
         **plan.model_kwargs,
     )
+    if not isinstance(model, QSENN):
+        return model  # the features_only wrapper
     if model.pretrained_cfg.get("pool_size") is None:
         # Token backbones have no pool size in their cfg: it is the feature grid at the default input size.
         reduction = model.backbone.feature_info[-1]["reduction"]
         height, width = model.pretrained_cfg["input_size"][1:]
         model.pretrained_cfg["pool_size"] = (math.ceil(height / reduction), math.ceil(width / reduction))
+    if plan.source == "backbone":
+        head = (
+            "the dense head is the backbone's own pretrained classifier (a linear layer on the mean-pooled maps)"
+            if model.head_from_backbone
+            else "the Q-SENN head is freshly initialised"
+        )
+        model.pretrained_cfg["notes"] = (f"Backbone weights of timm's {model.backbone_name}; {head}.",)
     return model
 
 
 def _make_entrypoint(backbone: str):
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> QSENN:
-        kwargs["backbone_kwargs"] = {**CURATED_BACKBONES[backbone], **(kwargs.get("backbone_kwargs") or {})}
         return _create_qsenn(entrypoint.__name__, pretrained, backbone=backbone, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = f"{backbone}_qsenn"

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from .._utils import eval_mode, write_json
 from ..explain import class_names_of, global_explanation
-from ..pretrained import CURATED_BACKBONES
 from ..qsenn import QSENN
 from .card import model_card, write_card
 from .describe import backbone_kwargs, check_model, jsonable, label_names, qsenn_metadata
@@ -55,8 +54,7 @@ def fold(model: QSENN) -> tuple[nn.Module, dict[str, Any]]:
     if head.pool_type != "avg":
         raise ValueError(f"folding needs the spatial mean (global_pool='avg'), the model has {head.pool_type!r}")
     weight, bias = _folded_layer(model)
-    arch = model.backbone_name.split(".", 1)[0]
-    base = {**CURATED_BACKBONES.get(arch, {}), **backbone_kwargs(model), "in_chans": model.in_chans}
+    base = {**backbone_kwargs(model), "in_chans": model.in_chans}
     img_size = (getattr(model, "_model_args", None) or {}).get("img_size")
     if img_size is not None:
         base["img_size"] = img_size

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from ..backbone import check_backbone_name
 from ..data import DataBundle
-from ..pretrained import inspect_checkpoint
+from ..pretrained import backbone_cfg, inspect_checkpoint
 from ..qsenn import QSENN
 from .config import TrainConfig
 
@@ -67,6 +67,9 @@ def build_model(config: TrainConfig, num_classes: int, load_pretrained: bool) ->
         name, kwargs = "qsenn", {"backbone": model_cfg.backbone}
     elif "." in model_cfg.backbone:
         name = f"{name}.{model_cfg.backbone.split('.', 1)[1]}"
+    if backbone_cfg(model_cfg.backbone).fixed_input_size:
+        # Built for one input size (ViT-like): build it for the run's (timm resamples position embeddings).
+        kwargs["img_size"] = config.data.img_size
     file = weights_file(config) if load_pretrained else None
     # Read (and so check) the file before anything is built from it: a corrupt one is a clear error.
     info = inspect_checkpoint(file) if file else None
