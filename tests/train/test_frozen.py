@@ -13,8 +13,9 @@ from accelerate import Accelerator
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, TensorDataset
 
+from timm_qsenn.data import build_datasets
 from timm_qsenn.hub import load_model
-from timm_qsenn.map_cache import cache_maps
+from timm_qsenn.map_cache import CachedMaps, cache_maps
 from timm_qsenn.train import QSENNTrainer, load_config
 from timm_qsenn.train.loop import TrainModule, train_epoch
 
@@ -112,13 +113,9 @@ def test_a_frozen_run_trains_the_adapter_and_head_on_cached_maps(frozen_run):
     entries = [json.loads(p.read_text()) for p in (output / "maps").glob("*/index.json")]
     assert len(entries) == 2, "training (un-augmented) and test maps, each cached once"
     test = next(e for e in entries if e["shards"][0]["stop"] == summary["test_images"])
-    from timm_qsenn.map_cache import CachedMaps
-
     cached = CachedMaps(next((output / "maps").glob(f"*{test['key'][:32]}")), test)
-    from timm_qsenn.data import build_datasets
-
     config = load_config(output / "config.yaml")
-    images = build_datasets(config.data).test
+    images = build_datasets(config.data, model.pretrained_cfg["mean"], model.pretrained_cfg["std"]).test
     with torch.no_grad():
         maps = model.forward_backbone(torch.stack([images[i][0] for i in range(4)]))
     assert torch.allclose(maps, torch.stack([cached[i][0] for i in range(4)]), rtol=1e-5, atol=1e-6)
