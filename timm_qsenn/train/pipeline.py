@@ -146,6 +146,7 @@ class QSENNTrainer:
         evaluation and the sparse fit read them. Returns what their batches go through (adapter and head)."""
         cfg, acc = self.config, self.accelerator
         mc = cfg.model
+        self._clock = time.perf_counter()
 
         def announce(size: int, folder: Path) -> None:
             print(f"caching the frozen backbone's maps ({mc.cache_maps}): {size / 1e6:.1f} MB in {folder}")
@@ -170,6 +171,7 @@ class QSENNTrainer:
         self.train_loader = acc.prepare_data_loader(loader)
         self.train_eval_loader = acc.prepare_data_loader(eval_loader(train_eval, cfg.data))
         self.test_loader = acc.prepare_data_loader(eval_loader(test, cfg.data))
+        self._add_seconds("maps")
         return MapsInput(model)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
