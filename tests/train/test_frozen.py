@@ -157,3 +157,24 @@ def test_two_processes_build_and_read_the_cache_and_train(toy_folder, tmp_path):
     for index in indexes:
         assert [s["file"] for s in index["shards"]] == ["shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
     assert load_model(str(output)).head.stage == "ternary"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.cache_maps=int8", "model.cache_maps must be bf16, fp16, float32 or none"),
+        ("model.cache_views=-1", "model.cache_views must be 0"),
+        ("model.adapter=[4, 512]", "model.adapter must be a mapping"),
+    ],
+)
+def test_bad_frozen_settings_name_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=[override])
+
+
+def test_a_frozen_adapter_that_the_sparse_fit_cannot_use_fails_before_the_run_folder(toy_folder, tmp_path):
+    output = tmp_path / "run"
+    args = tiny_overrides(toy_folder, output) + FROZEN + ["model.adapter={depth: 1, out_features: 4}"]
+    with pytest.raises(ValueError, match="exceeds the 4 channels the head reads"):
+        QSENNTrainer(load_config(overrides=args)).run()
+    assert not output.exists()
