@@ -175,6 +175,6 @@ def test_bad_frozen_settings_name_the_problem(override, message):
 def test_a_frozen_adapter_that_the_sparse_fit_cannot_use_fails_before_the_run_folder(toy_folder, tmp_path):
     output = tmp_path / "run"
     args = tiny_overrides(toy_folder, output) + FROZEN + ["model.adapter={depth: 1, out_features: 4}"]
-    with pytest.raises(ValueError, match="exceeds the 4 channels the head reads"):
+    with pytest.raises(ValueError, match="exceeds the 4 channels of the adapter"):
         QSENNTrainer(load_config(overrides=args)).run()
     assert not output.exists()

@@ -120,10 +120,12 @@ def check_sparse_settings(config: TrainConfig, model: QSENN, num_classes: int) -
     """A feature count the backbone lacks is an error; a weight budget the layer cannot hold, a warning."""
     sc = config.sparse
     if sc.n_features > model.num_features:
+        source = f"backbone {config.model.backbone}"
+        if config.model.adapter:
+            source = f"the adapter (model.adapter.out_features) on {source}"
         raise ValueError(
-            f"sparse.n_features={sc.n_features} exceeds the {model.num_features} channels the head reads (backbone "
-            f"{config.model.backbone}, adapter {config.model.adapter}); choose sparse.n_features <= "
-            f"{model.num_features}"
+            f"sparse.n_features={sc.n_features} exceeds the {model.num_features} channels of {source}; choose "
+            f"sparse.n_features <= {model.num_features}"
         )
     if sc.n_per_class >= sc.n_features:
         _logger.warning(
