@@ -153,6 +153,15 @@ def _entry(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / f"{_PREFIX}{key[:32]}"
 
 
+def _shard(rank: int, world: int, rows: int) -> dict[str, Any]:
+    """The file and the contiguous rows that process ``rank`` of ``world`` computes and writes."""
+    return {
+        "file": f"shard-{rank:03d}-of-{world:03d}.safetensors",
+        "start": rank * rows // world,
+        "stop": (rank + 1) * rows // world,
+    }
+
+
 def _open(folder: Path, key: str) -> CachedMaps | None:
     index_path = folder / _INDEX
     if not index_path.is_file():
@@ -253,7 +262,8 @@ def cache_maps(
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     n = len(dataset)
-    start, stop = rank * n // world, (rank + 1) * n // world
+    mine = _shard(rank, world, n)
+    start, stop = mine["start"], mine["stop"]
     source = SeededAugmentation(dataset, seed) if views else dataset
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
@@ -279,9 +289,8 @@ def cache_maps(
         _logger.info(
             "caching the backbone maps of %d images (%s %s) in %s: %.1f MB", n, shape, dtype, folder, total / 1e6
         )
-        file = f"shard-{rank:03d}-of-{world:03d}.safetensors"
         _write_shard(
-            folder / file,
+            folder / mine["file"],
             batches,
             rows=stop - start,
             views=max(views, 1),
@@ -298,10 +307,7 @@ def cache_maps(
         "views": max(views, 1),
         "shape": list(shape),
         "dtype": dtype,
-        "shards": [
-            {"file": f"shard-{r:03d}-of-{world:03d}.safetensors", "start": r * n // world, "stop": (r + 1) * n // world}
-            for r in range(world)
-        ],
+        "shards": [_shard(r, world, n) for r in range(world)],
     }
     if accelerator is None or accelerator.is_main_process:
         atomic_write_text(folder / _INDEX, json.dumps(index, indent=1) + "\n")
