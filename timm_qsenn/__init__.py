@@ -7,6 +7,7 @@ Importing the package registers every ``*_qsenn`` model with timm::
 """
 
 from ._utils import package_version
+from .adapter import MapAdapter
 from .head import STAGES, QSENNHead
 from .losses import FeatureDiversityLoss, feature_diversity_loss
 from .qsenn import QSENN, QSENNOutput
@@ -18,6 +19,7 @@ __all__ = [
     "QSENN",
     "QSENNOutput",
     "QSENNHead",
+    "MapAdapter",
     "STAGES",
     "FeatureDiversityLoss",
     "feature_diversity_loss",

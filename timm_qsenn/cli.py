@@ -403,13 +403,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "no downloads. Writes the run folder with the model, summary.json and an explanation report.",
     )
     _add_training_options(p)
+    p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="keep the backbone frozen: cache its maps once, train an adapter and the head on them",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .train.demo import demo_config
 
     try:
-        config = demo_config(args.output, args.overrides)
+        config = demo_config(args.output, args.overrides, frozen=args.frozen)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"qsenn demo: {e}") from None
     code = _run_training(config, args)

@@ -14,6 +14,7 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
+from .adapter import create_adapter
 from .backbone import (
     create_backbone,
     feature_layout,
@@ -56,6 +57,7 @@ class QSENN(nn.Module):
         pretrained_backbone: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         feature_names: list[str] | None = None,
+        adapter: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -71,6 +73,8 @@ class QSENN(nn.Module):
             pretrained_backbone: load the backbone's own pretrained weights through timm.
             backbone_kwargs: further keyword arguments for ``timm.create_model(backbone, ...)``.
             feature_names: human names of the selected features, in selection order (see ``align.py``).
+            adapter: an MLP applied at every location of the backbone maps (``adapter.MapAdapter``'s
+                depth, hidden, out_features, act, norm); the head reads its outputs. None: the backbone's maps.
             device, dtype: where and in which dtype to create parameters.
         """
         super().__init__()
@@ -95,8 +99,11 @@ class QSENN(nn.Module):
             ).items()
             if v is not None
         }
-        # With the backbone's own class count, its pretrained classifier can become the dense head (see below).
-        adopt = pretrained_backbone and num_classes > 0 and num_classes == _backbone_num_classes(backbone)
+        # With the backbone's own class count, its pretrained classifier can become the dense head (see below);
+        # not behind an adapter, whose features are not the backbone's channels.
+        adopt = (
+            pretrained_backbone and not adapter and num_classes > 0 and num_classes == _backbone_num_classes(backbone)
+        )
         self.backbone = create_backbone(
             backbone,
             pretrained_backbone,
@@ -108,7 +115,7 @@ class QSENN(nn.Module):
         classifier = _linear_on_pooled_maps(self.backbone, in_chans, img_size) if adopt else None
         if adopt:
             self.backbone.reset_classifier(0)
-        self.num_features = self.backbone.num_features
+        self.backbone_features = self.backbone.num_features
         # Token backbones: prefix tokens (class, register, distillation) are dropped before the grid.
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         size = _probe_size(self.backbone, in_chans, img_size)
@@ -127,6 +134,9 @@ class QSENN(nn.Module):
         self.feature_info = [
             dict(info, module="backbone." + info["module"]) for info in getattr(self.backbone, "feature_info", [])
         ]
+        # Identity when None: no parameters, so models without an adapter keep their state dict keys.
+        self.adapter = create_adapter(self.backbone_features, adapter, device=device, dtype=dtype)
+        self.num_features = getattr(self.adapter, "out_features", self.backbone_features)
         self.head = QSENNHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, device=device, dtype=dtype
         )
@@ -170,10 +180,14 @@ class QSENN(nn.Module):
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Backbone feature maps as B x C x H x W, for CNNs and token models alike."""
+    def forward_backbone(self, x: Tensor) -> Tensor:
+        """Backbone feature maps as B x C x H x W, for CNNs and token models alike (what a map cache stores)."""
         x = image_batch_check(x, self.in_chans)
         return self._to_maps(self.backbone.forward_features(x), x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The maps the head reads, B x num_features x H x W: the backbone's, through the adapter if any."""
+        return self.adapter(self.forward_backbone(x))
 
     def _to_maps(self, features: Tensor, image: Tensor) -> Tensor:
         if self.feature_layout == "NHWC":
@@ -205,7 +219,7 @@ class QSENN(nn.Module):
         if intermediates_only:
             return out
         final, intermediates = out
-        return self._to_maps(final, x), intermediates
+        return self.adapter(self._to_maps(final, x)), intermediates
 
     @torch.jit.ignore
     def prune_intermediate_layers(
@@ -227,6 +241,11 @@ class QSENN(nn.Module):
     def forward_qsenn(self, x: Tensor) -> QSENNOutput:
         """Logits plus the pooled features and feature maps they were computed from (always pooled)."""
         return self.head.forward_qsenn(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_qsenn_from_maps(self, maps: Tensor) -> QSENNOutput:
+        """:meth:`forward_qsenn` from backbone maps (``forward_backbone``'s output, e.g. cached): adapter + head."""
+        return self.head.forward_qsenn(self.adapter(maps))
 
 
 def _prefix_pattern(pattern: str) -> str:

@@ -51,6 +51,11 @@ def fold(model: QSENN) -> tuple[nn.Module, dict[str, Any]]:
     head = model.head
     if model.num_classes <= 0:
         raise ValueError("the model has no class layer (num_classes=0); there is nothing to fold")
+    if not isinstance(model.adapter, nn.Identity):
+        raise ValueError(
+            "the model has an adapter (an MLP between the backbone and the head), which no plain timm classifier "
+            "holds; share it with save_pretrained/push_to_hub (needs timm_qsenn) instead"
+        )
     if head.pool_type != "avg":
         raise ValueError(f"folding needs the spatial mean (global_pool='avg'), the model has {head.pool_type!r}")
     weight, bias = _folded_layer(model)

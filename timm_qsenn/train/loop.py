@@ -26,14 +26,26 @@ class TrainModule(nn.Module):
     feature diversity loss reads them, and FSDP only gathers them inside the wrapped forward).
     """
 
-    def __init__(self, model: QSENN, diversity_weight: float = 0.0):
+    def __init__(
+        self, model: QSENN, diversity_weight: float = 0.0, frozen_backbone: bool = False, from_maps: bool = False
+    ):
+        """``from_maps``: batches hold cached backbone maps (``forward_backbone``), not images."""
         super().__init__()
         self.model = model
         self.diversity_weight = diversity_weight
+        self.frozen_backbone = frozen_backbone
+        self.from_maps = from_maps
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, cross-entropy, diversity loss) of a batch."""
-        out = self.model.forward_qsenn(images)
+    def train(self, mode: bool = True) -> TrainModule:
+        super().train(mode)
+        if self.frozen_backbone:
+            # A frozen backbone computes what it was trained to: no dropout, its normalisation statistics kept.
+            self.model.backbone.eval()
+        return self
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, cross-entropy, diversity loss) of a batch of images, or of backbone maps with ``from_maps``."""
+        out = self.model.forward_qsenn_from_maps(inputs) if self.from_maps else self.model.forward_qsenn(inputs)
         return qsenn_loss(out, labels, self.model.head.fc.weight, self.diversity_weight)
 
 

@@ -5,6 +5,7 @@ A run lives in one folder (see :mod:`timm_qsenn.train.run_folder` for the lock, 
 
     config.yaml, state.json, checkpoints/<n>/   the run itself; state.json names its checkpoint
     features/          cached pooled features, keyed by content
+    maps/              with a frozen backbone: its cached maps of every split, keyed by content (map_cache)
     sparse/            each iteration's sparse fit: selection, path solution, ternary layer, threshold
     logs/              trackers (TensorBoard by default)
     model/             the trained Q-SENN model in timm's Hub layout (see ``timm_qsenn.hub``)
@@ -27,9 +28,11 @@ from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from torch import nn
 
 from .._utils import atomic_write, atomic_write_text, environment
 from ..data import DataBundle, build_datasets, eval_loader, train_loader
+from ..map_cache import CachedMaps, MapsInput, cache_maps
 from ..qsenn import QSENN
 from .config import OptimConfig, TrainConfig, load_config
 from .distributed import on_every, on_main
@@ -62,6 +65,7 @@ class QSENNTrainer:
         self.overwrite = overwrite
         self.accelerator = accelerator
         self.state: RunState | None = None
+        self.cached: CachedMaps | None = None  # the training maps, when a frozen backbone's maps are cached
 
     # -- the run folder ------------------------------------------------------------------------------------
 
@@ -134,6 +138,41 @@ class QSENNTrainer:
         self.train_loader = acc.prepare_data_loader(loader)
         self.train_eval_loader = acc.prepare_data_loader(eval_loader(self.data.train_eval, cfg.data))
         self.test_loader = acc.prepare_data_loader(eval_loader(self.data.test, cfg.data))
+        # The final metrics read images, also when training reads cached maps.
+        self.image_loaders = (self.train_eval_loader, self.test_loader)
+
+    def _read_cached_maps(self, model: QSENN) -> nn.Module:
+        """A frozen backbone's maps of every split, computed once (or found in the cache); from here on training,
+        evaluation and the sparse fit read them. Returns what their batches go through (adapter and head)."""
+        cfg, acc = self.config, self.accelerator
+        mc = cfg.model
+        self._clock = time.perf_counter()
+
+        def announce(size: int, folder: Path) -> None:
+            print(f"caching the frozen backbone's maps ({mc.cache_maps}): {size / 1e6:.1f} MB in {folder}")
+
+        common = dict(
+            dtype=mc.cache_maps,
+            seed=cfg.run.seed,
+            batch_size=cfg.data.eval_batch_size,
+            workers=cfg.data.workers,
+            accelerator=acc,
+            on_size=announce,
+        )
+        cache = self.run_dir / "maps"
+        train_eval = cache_maps(model, self.data.train_eval, cache, **common)
+        test = cache_maps(model, self.data.test, cache, **common)
+        # No views: every epoch reads the un-augmented maps (DINO-QPM's precomputed features).
+        train = (
+            cache_maps(model, self.data.train, cache, views=mc.cache_views, **common) if mc.cache_views else train_eval
+        )
+        loader = train_loader(train, cfg.data, cfg.run.seed)
+        self.sampler, self.augmentation, self.cached = loader.sampler, loader.dataset, train
+        self.train_loader = acc.prepare_data_loader(loader)
+        self.train_eval_loader = acc.prepare_data_loader(eval_loader(train_eval, cfg.data))
+        self.test_loader = acc.prepare_data_loader(eval_loader(test, cfg.data))
+        self._add_seconds("maps")
+        return MapsInput(model)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -219,7 +258,10 @@ class QSENNTrainer:
         )
         ema = ModelEmaV3(model, decay=optim.ema_decay) if optim.ema_decay else None
         acc.free_memory()
-        module, optimizer = acc.prepare(TrainModule(model, optim.diversity_weight), optimizer)
+        train_module = TrainModule(
+            model, optim.diversity_weight, frozen_backbone=cfg.model.freeze_backbone, from_maps=self.cached is not None
+        )
+        module, optimizer = acc.prepare(train_module, optimizer)
         if resume is not None:
             acc.load_state(str(self._checkpoint_dir()))
             self._restore_trainer(scheduler, ema)
@@ -236,6 +278,8 @@ class QSENNTrainer:
         while epoch < epochs:
             self.sampler.start_epoch(epoch)
             self.augmentation.epoch = epoch
+            if self.cached is not None:
+                self.cached.epoch = epoch  # the cached view of this epoch
             # A run resumed inside the epoch skips the batches it trained on (their indices, not their data).
             loader = acc.skip_first_batches(self.train_loader, batch) if batch else self.train_loader
             self._epoch_batches = batch + len(loader)
@@ -260,7 +304,7 @@ class QSENNTrainer:
             logs[f"{phase}/diversity_loss"] = stats.diversity
             logs[f"{phase}/lr"] = optimizer.param_groups[0]["lr"]
             if cfg.run.eval_every and (epoch % cfg.run.eval_every == 0 or epoch == epochs):
-                logs[f"{phase}/test_accuracy"] = evaluate_accuracy(acc, model, self.test_loader, f"{phase} test")
+                logs[f"{phase}/test_accuracy"] = evaluate_accuracy(acc, self.reader, self.test_loader, f"{phase} test")
             acc.log(logs, step=self.state.results.get("global_epoch", 0) + epoch)
             _logger.info("%s epoch %d/%d: %s", phase, epoch, epochs, {k: round(v, 4) for k, v in logs.items()})
             self._checkpoint(phase, epoch, 0, updates, scheduler, ema)
@@ -374,6 +418,9 @@ class QSENNTrainer:
         model.to(acc.device)
         if cfg.run.channels_last:
             model.to(memory_format=torch.channels_last)
+        # What the loaders' batches go through: the model, or its adapter and head for cached backbone maps.
+        cached = cfg.model.freeze_backbone and cfg.model.cache_maps != "none"
+        self.reader = self._read_cached_maps(model) if cached else model
 
         done = phases.index(self.state.checkpoint["phase"]) if resuming else -1
         checkpoint = self.state.checkpoint or {}
@@ -395,15 +442,17 @@ class QSENNTrainer:
             if "dense_accuracy" not in self.state.results:
                 trained = self.state.results["dense_head_trained"]
                 self.state.results["dense_accuracy"] = (
-                    evaluate_accuracy(acc, model, self.test_loader, "dense test") if trained else None
+                    evaluate_accuracy(acc, self.reader, self.test_loader, "dense test") if trained else None
                 )
                 warn_if_near_chance(self.state.results["dense_accuracy"], self.data.num_classes)
             if not inside:
-                self._sparsify(model, iteration)
+                self._sparsify(self.reader, iteration)
             ft = cfg.finetune
             lr = ft.lr * ft.lr_iteration_decay**iteration
             self._train_phase(model, phase, ft.epochs[iteration], ft, lr)
-            self.state.results[f"{phase}/accuracy"] = evaluate_accuracy(acc, model, self.test_loader, f"{phase} test")
+            self.state.results[f"{phase}/accuracy"] = evaluate_accuracy(
+                acc, self.reader, self.test_loader, f"{phase} test"
+            )
             self._save_state()
         return self._finish(model)
 
@@ -418,7 +467,8 @@ class QSENNTrainer:
         acc, cfg = self.accelerator, self.config
         self._clock = time.perf_counter()
         model.eval()
-        metrics = evaluate(model, self.test_loader, train_loader=self.train_eval_loader, accelerator=acc)
+        train_images, test_images = self.image_loaders
+        metrics = evaluate(model, test_images, train_loader=train_images, accelerator=acc)
         metric_values = metrics.to_dict()
         weights = int((model.head.fc.weight != 0).sum())
         summary = {

@@ -81,6 +81,7 @@ def build_model(config: TrainConfig, num_classes: int, load_pretrained: bool) ->
             num_classes=num_classes,
             drop_rate=config.dense.drop_rate,
             backbone_kwargs=model_cfg.backbone_kwargs or None,
+            adapter=model_cfg.adapter or None,
             **kwargs,
         )
     except (RuntimeError, ValueError) as e:
@@ -88,6 +89,9 @@ def build_model(config: TrainConfig, num_classes: int, load_pretrained: bool) ->
             raise
         # Keys or shapes of another architecture.
         raise ValueError(f"{file} does not fit backbone {model_cfg.backbone}: {e}") from e
+    if model_cfg.freeze_backbone:
+        # A training-time choice: the model itself has no frozen parameters (what a user creates trains fully).
+        model.backbone.requires_grad_(False)
     if config.run.from_pretrained and load_pretrained:
         _logger.info("starting from %s; the dense phase is skipped", config.run.from_pretrained)
     head_trained = info is not None and info.stage == "dense" and info.num_classes == num_classes
@@ -116,9 +120,12 @@ def check_sparse_settings(config: TrainConfig, model: QSENN, num_classes: int) -
     """A feature count the backbone lacks is an error; a weight budget the layer cannot hold, a warning."""
     sc = config.sparse
     if sc.n_features > model.num_features:
+        source = f"backbone {config.model.backbone}"
+        if config.model.adapter:
+            source = f"the adapter (model.adapter.out_features) on {source}"
         raise ValueError(
-            f"sparse.n_features={sc.n_features} exceeds the {model.num_features} channels of backbone "
-            f"{config.model.backbone}; choose sparse.n_features <= {model.num_features}"
+            f"sparse.n_features={sc.n_features} exceeds the {model.num_features} channels of {source}; choose "
+            f"sparse.n_features <= {model.num_features}"
         )
     if sc.n_per_class >= sc.n_features:
         _logger.warning(
