@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Rows", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["Rows", "DEFAULT_CHUNK_BYTES", "DEFAULT_CACHE_BYTES"]
 
 # A chunk converted to the solve dtype holds at most this many bytes: large enough that the GEMMs run at full
 # speed, small enough that the transient copies of a product stay far below the matrix itself.
 DEFAULT_CHUNK_BYTES = 128 << 20
+# Rows that need converting (another dtype or device, a row subset, standardisation) are converted once and
+# kept when all of them take at most this many bytes; larger ones are converted chunk by chunk at every use.
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class Rows:
@@ -36,6 +39,8 @@ class Rows:
         dtype: the solve dtype every product computes and accumulates in.
         device: the device to solve on, default ``X``'s.
         chunk_rows: rows per chunk, default what fits in :data:`DEFAULT_CHUNK_BYTES`.
+        cache_bytes: keep the converted rows when they take at most this many bytes (a small problem then pays
+            the conversion once); above it memory stays bounded by one chunk.
         process_group: the processes holding the other shards; ``None`` for a single process.
     """
 
@@ -49,6 +54,7 @@ class Rows:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         chunk_rows: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if chunk_rows is not None and chunk_rows < 1:
@@ -64,6 +70,9 @@ class Rows:
         self.num_columns = X.shape[1]
         itemsize = torch.finfo(dtype).bits // 8
         self.chunk_rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (itemsize * max(self.num_columns, 1)))
+        views = index is None and shift is None and scale is None and X.dtype == dtype and X.device == self.device
+        fits = self.n * self.num_columns * itemsize <= cache_bytes
+        self._cache = [chunk for _, chunk in self._convert()] if fits and not views else None
         self.n_total = int(self.sum(torch.tensor(float(self.n), dtype=torch.float64, device=self.device)))
 
     # -- reductions over the processes -----------------------------------------------------------------------
@@ -95,13 +104,21 @@ class Rows:
 
     def chunks(self) -> Iterator[tuple[slice, Tensor]]:
         """``(local row slice, chunk)`` pairs covering the rows in order, each chunk in the solve dtype."""
+        if self._cache is None:
+            yield from self._convert()
+            return
+        for start, chunk in zip(range(0, self.n, self.chunk_rows), self._cache):
+            yield slice(start, start + chunk.shape[0]), chunk
+
+    def _convert(self) -> Iterator[tuple[slice, Tensor]]:
+        """The chunks, each gathered, converted and standardised now."""
         for start in range(0, self.n, self.chunk_rows):
             rows = slice(start, min(start + self.chunk_rows, self.n))
             chunk = self.X[rows] if self.index is None else self.X.index_select(0, self.index[rows])
             converted = chunk.to(device=self.device, dtype=self.dtype)
             if self.shift is not None or self.scale is not None:
                 # In place only on a copy: a plain view of X must stay untouched.
-                if converted.data_ptr() == chunk.data_ptr():
+                if self.index is None and converted.data_ptr() == chunk.data_ptr():
                     converted = converted.clone()
                 if self.shift is not None:
                     converted.sub_(self.shift)
