@@ -185,7 +185,8 @@ def selection_path(
     X, y, num_classes = check_problem(X, y)
     n_features = check_n_features(n_features, X.shape[1])
     check_settings(dtype, tol, max_iter)
-    rows = Rows(X, dtype=dtype, chunk_rows=chunk_rows, process_group=process_group)
+    # Read for the statistics and the class counts only: nothing to keep.
+    rows = Rows(X, dtype=dtype, chunk_rows=chunk_rows, cache_bytes=0, process_group=process_group)
     if process_group is not None:
         num_classes = int(rows.amax(torch.tensor(num_classes, device=rows.device)))
     row_index = shard_offsets(rows) if row_index is None else row_index

@@ -122,7 +122,8 @@ def sparsify(
             )
     alpha = check_alpha(alpha)
     check_settings(dtype, tol, max_iter)
-    rows = Rows(features, dtype=dtype, chunk_rows=chunk_rows, process_group=process_group)
+    # Read for the statistics and the class counts only: nothing to keep.
+    rows = Rows(features, dtype=dtype, chunk_rows=chunk_rows, cache_bytes=0, process_group=process_group)
     if process_group is not None:
         num_classes = int(rows.amax(torch.tensor(num_classes, device=rows.device)))
     row_index = shard_offsets(rows) if row_index is None else row_index.flatten()
