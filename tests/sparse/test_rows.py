@@ -52,6 +52,9 @@ def test_chunked_products_match_the_whole_matrix(storage, chunk_rows):
     mean, std = Rows(x, index=index).statistics()
     plain = x.double()[index]
     assert torch.allclose(mean, plain.mean(dim=0)) and torch.allclose(std, plain.std(dim=0, unbiased=False))
+    wide = x.double()
+    Rows(wide, dtype=torch.float64, chunk_rows=chunk_rows).statistics()
+    assert torch.equal(wide, x.double())  # the statistics never write into a matrix they read as views
     assert torch.equal(x, x.clone())  # the standardisation never wrote into the stored matrix
 
 

@@ -192,9 +192,10 @@ class Rows:
         """Per-column mean and population (divide by N) std over all processes' rows, in float64, two passes."""
         total = torch.zeros(self.num_columns, dtype=torch.float64, device=self.device)
         for _, chunk in self.chunks():
-            total += chunk.to(torch.float64).sum(dim=0)
+            total += chunk.sum(dim=0, dtype=torch.float64)
         mean = self.sum(total) / self.n_total
         spread = torch.zeros_like(mean)
         for _, chunk in self.chunks():
-            spread += (chunk.to(torch.float64) - mean).square().sum(dim=0)
+            # In place: one float64 copy of the chunk at a time.
+            spread += chunk.to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0)
         return mean, (self.sum(spread) / self.n_total).sqrt()
