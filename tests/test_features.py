@@ -223,6 +223,8 @@ def _sharded_worker(rank: int, port: int, cache: str, out: str) -> None:
         f"{out}/rank{rank}.pt",
     )
     acc.wait_for_everyone()
+    # A process group left to the interpreter's exit can abort in gloo's teardown.
+    torch.distributed.destroy_process_group()
 
 
 def test_sharded_features_stay_on_their_process_in_half_precision(tmp_path):
