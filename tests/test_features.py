@@ -191,3 +191,67 @@ def test_the_old_sparse_paths_still_work_with_a_deprecation_warning():
             assert getattr(old, name) is getattr(features, name)
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         sparse.missing  # noqa: B018
+
+
+def _sharded_worker(rank: int, port: int, cache: str, out: str) -> None:
+    import os
+
+    import timm
+    from accelerate import Accelerator
+
+    import timm_qsenn  # noqa: F401
+
+    torch.set_num_threads(1)  # two processes on a small CPU
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = timm.create_model("qsenn", backbone="test_resnet", num_classes=5).eval()
+    loader = acc.prepare_data_loader(loader_of(TinyImages(n=13)))
+    first = extract_features(model, loader, acc, cache_dir=cache, dtype=torch.float16, shard=True)
+    calls = count_forwards(model)
+    again = extract_features(model, loader, acc, cache_dir=cache, dtype=torch.float16, shard=True)
+    torch.save(
+        dict(
+            features=first.features,
+            row_index=first.row_index,
+            mean=first.mean,
+            std=first.std,
+            labels=first.labels,
+            hit=calls["n"] == 0 and torch.equal(again.features, first.features),
+        ),
+        f"{out}/rank{rank}.pt",
+    )
+    acc.wait_for_everyone()
+    # A process group left to the interpreter's exit can abort in gloo's teardown.
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_features_stay_on_their_process_in_half_precision(tmp_path):
+    import socket
+
+    import timm
+    import torch.multiprocessing as mp
+
+    import timm_qsenn  # noqa: F401
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(
+        _sharded_worker, args=(port, str(tmp_path / "cache"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    torch.manual_seed(0)
+    model = timm.create_model("qsenn", backbone="test_resnet", num_classes=5).eval()
+    whole = extract_features(model, loader_of(TinyImages(n=13)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["row_index"].tolist() for r in ranks] == [list(range(7)), list(range(7, 13))]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one file per process
+    for r in ranks:
+        assert r["features"].dtype == torch.float16 and r["hit"]  # the second call read its own cache file
+        assert torch.equal(r["labels"], whole.labels[r["row_index"]])
+        # float16 storage: within half an ulp of float16 (2^-11 relative) of the float32 features.
+        assert torch.allclose(r["features"].float(), whole.features[r["row_index"]], rtol=2**-10, atol=1e-6)
+        # The statistics are over every row of both processes, not over the shard.
+        assert torch.allclose(r["mean"], whole.mean, rtol=2**-9, atol=1e-6)
+        assert torch.allclose(r["std"], whole.std, rtol=2**-9, atol=1e-6)

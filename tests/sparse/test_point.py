@@ -12,10 +12,10 @@ from timm_qsenn.sparse.problem import Problem, check_alpha, check_settings, kkt_
 def test_one_point_solved_by_hand_is_the_paths_point(structured, group):
     x, y = structured
     alpha = 0.8 if group else 0.99
-    null = null_model(x, y, 5, alpha, group)
+    prob = Problem.build(x, y, 5)
+    null = null_model(prob, alpha, group)
     assert null.lambda_max == lambda_max(x, y, alpha, group=group)
     assert null.scale == pytest.approx(alpha * null.lambda_max, rel=1e-12)
-    prob = Problem.build(x, y, 5)
     tol, rounding = kkt_tolerance(prob, null, 1e-4, group)
     start = prob.start(null.bias)
     assert torch.count_nonzero(start.weight) == 0 and prob.kkt(start, null.lambda_max, alpha, group)[0] <= tol
@@ -36,8 +36,10 @@ def test_columns_and_restrict_keep_the_bias_column(structured):
     x, y = structured
     prob = Problem.build(x, y, 5)
     sub = prob.columns(torch.tensor([3, 1]))
-    assert sub.X1.shape == (x.shape[0], 3) and torch.equal(sub.X1[:, :2], x[:, [3, 1]])
-    assert torch.equal(sub.X1[:, -1], torch.ones(x.shape[0])) and torch.equal(sub.targets, prob.targets[:, [3, 1, -1]])
+    assert sub.rows.X.shape == (x.shape[0], 2) and torch.equal(sub.rows.X, x[:, [3, 1]])
+    theta = torch.randn(5, 3, dtype=x.dtype)
+    assert torch.allclose(sub.logits(theta), x[:, [3, 1]] @ theta[:, :2].t() + theta[:, 2])  # the ones column
+    assert torch.equal(sub.targets, prob.targets[:, [3, 1, -1]])
     merged, rest, log_share = prob.restrict(torch.tensor([0, 2]))
     assert merged.frozen_last and merged.targets.shape[0] == 3 and rest.tolist() == [1, 3, 4]
     assert log_share.exp().sum() == pytest.approx(1.0)

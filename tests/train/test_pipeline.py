@@ -130,7 +130,9 @@ def test_two_processes_match_one(toy_folder, tmp_path):
             "train",
         ]
         + common
-        + [f"run.output={tmp_path / 'two'}", "data.batch_size=4"],
+        # Features sharded over the two processes and the sparse fit solved by both together (the default only
+        # above 1 GiB of features): the 1-process run gathers and solves alone, so this compares the two paths.
+        + [f"run.output={tmp_path / 'two'}", "data.batch_size=4", "sparse.shard_above_mb=0"],
         env=dict(ENV, ACCELERATE_USE_CPU="true"),
         capture_output=True,
         text=True,
@@ -139,6 +141,9 @@ def test_two_processes_match_one(toy_folder, tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
     assert summaries[1]["processes"] == 2
+    # One feature cache file per process and extraction when sharded, one per extraction when gathered.
+    caches = [len(list((tmp_path / name / "features").glob("*.safetensors"))) for name in ("one", "two")]
+    assert caches[0] > 0 and caches[1] == 2 * caches[0], caches
     same_codes = True
     for iteration in range(4):
         fits = [

@@ -1,9 +1,9 @@
 """One point of a (group) elastic-net path, solved from a warm start to a KKT tolerance.
 
-Each point is solved full batch, on the device the features live on, by accelerated proximal gradient (FISTA)
-under a diagonal metric, with backtracking, a growing step size and adaptive momentum restarts, and stopped
-when the KKT optimality conditions hold to the tolerance. Every product with the rows goes through
-:class:`~timm_qsenn.sparse.problem.Problem`.
+Each point is solved full batch (over row chunks, and over processes when the rows are sharded), on the device
+of the problem's rows, by accelerated proximal gradient (FISTA) under a diagonal metric, with backtracking, a
+growing step size and adaptive momentum restarts, and stopped when the KKT optimality conditions hold to the
+tolerance. Every product with the rows goes through :class:`~timm_qsenn.sparse.problem.Problem`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _fista(
     It stops when the KKT conditions hold to ``tol``.
     """
     l1, l2 = lam * alpha, lam * (1.0 - alpha)
-    eps = torch.finfo(prob.X1.dtype).eps
+    eps = torch.finfo(prob.dtype).eps
     x = state
     if x.probs is None:
         x.probs = torch.softmax(x.logits, dim=1)
@@ -79,8 +79,10 @@ def _fista(
             # Backtracking on the exact Bregman divergence of the CE in logit space,
             # D = mean_i [log sum_c p_ic e^dz_ic - sum_c p_ic dz_ic], with expm1/log1p instead of a difference of
             # two objective values, whose rounding would swamp D near convergence.
+            # In place on two n x C temporaries: at scale the n x C tensors, not the features, fill the memory.
             dz = new_z - y_z
-            bregman = (torch.log1p((probs * torch.expm1(dz)).sum(dim=1)) - (probs * dz).sum(dim=1)).mean()
+            spread = torch.expm1(dz).mul_(probs).sum(dim=1)
+            bregman = prob.row_mean(torch.log1p(spread).sub_(dz.mul_(probs).sum(dim=1)))
             hd = h * d
             sq = (hd * d).sum()
             # (y - x+) . (x+ - x) > 0 means the momentum points uphill: restart it (O'Donoghue & Candes).
@@ -164,7 +166,7 @@ def solve_point(
         row[0, -1] = merged
         sub_state = Solution(
             torch.cat([state.theta[idx], row]),
-            torch.cat([state.logits[:, idx], merged.expand(prob.n, 1)], dim=1),
+            torch.cat([state.logits[:, idx], merged.expand(prob.rows.n, 1)], dim=1),
             step=state.step,
         )
         sub_state, n_iter, _ = _fista(sub, sub_state, lam, alpha, group, tol, max_iter - used)

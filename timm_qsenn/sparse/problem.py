@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .rows import Rows
+
 __all__ = [
     "Problem",
     "Solution",
@@ -24,6 +26,7 @@ __all__ = [
     "check_settings",
     "check_problem",
     "check_classes",
+    "check_counts",
     "null_model",
     "kkt_tolerance",
 ]
@@ -35,6 +38,8 @@ _logger = logging.getLogger(__name__)
 _METRIC_FLOOR = 0.3
 # A KKT violation below this many times the measured gradient rounding cannot be told from zero.
 _ROUNDING_MARGIN = 4.0
+# Rows per block of the finiteness scan.
+_SCAN_ROWS = 1 << 14
 
 
 # -- validation, once at each public boundary --------------------------------------------------------------
@@ -71,8 +76,12 @@ def check_problem(
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"labels for {name} must be integer class indices, got {y.dtype}")
-    if not torch.isfinite(X).all():
-        bad = (~torch.isfinite(X)).any(dim=0).nonzero().flatten().tolist()
+    # In row blocks, so that the scan of a large (or memory-mapped) matrix never allocates an n x F mask.
+    bad_columns = torch.zeros(X.shape[1], dtype=torch.bool, device=X.device)
+    for start in range(0, X.shape[0], _SCAN_ROWS):
+        bad_columns |= ~torch.isfinite(X[start : start + _SCAN_ROWS]).all(dim=0)
+    if bad_columns.any():
+        bad = bad_columns.nonzero().flatten().tolist()
         raise ValueError(
             f"{name} contains NaN or inf in columns {bad[:10]}{'...' if len(bad) > 10 else ''}; check the "
             "feature extraction (e.g. fp16 overflow) before fitting"
@@ -92,7 +101,12 @@ def check_problem(
 
 def check_classes(y: Tensor, num_classes: int, name: str = "X") -> Tensor:
     """Class frequencies; every class must occur, or its unpenalised bias would diverge to -inf."""
-    counts = torch.bincount(y, minlength=num_classes)
+    return check_counts(torch.bincount(y, minlength=num_classes), name)
+
+
+def check_counts(counts: Tensor, name: str = "X") -> Tensor:
+    """``counts``, the rows per class, checked to hold at least two classes, each with a row."""
+    num_classes = counts.numel()
     if num_classes < 2:
         raise ValueError(f"the labels for {name} hold a single class; a classifier needs at least two")
     empty = (counts == 0).nonzero().flatten().tolist()
@@ -131,36 +145,44 @@ class Solution:
 
 @dataclass
 class Problem:
-    """Training data with the constants every gradient needs; optionally with its last class frozen.
+    """Training rows with the constants every gradient needs; optionally with its last class frozen.
 
     A frozen last class stands for several classes merged into one (see :meth:`restrict`): its weights stay
     zero and its bias stays put. Softmax ignores a common shift of the biases, so fixing that one bias only
     fixes the shift; letting it move instead would put its gradient, a difference of two numbers near 1 when
     the merged class holds most of the probability, at the mercy of float32 rounding.
+
+    The rows may be this process's shard of a matrix sharded over a process group (see :class:`Rows`): then
+    ``y`` and every n x C tensor hold the local rows, and every sum over rows is over all processes.
     """
 
-    X1: Tensor  # n x (F + 1): the features and a column of ones
-    y: Tensor  # n
+    rows: Rows  # the features, with the column of ones appended implicitly
+    y: Tensor  # local n
     targets: Tensor  # C x (F + 1): X1^T Y, the constant part of the gradient (class sums and class counts)
     x_absmax: float  # largest |X1| entry, for rounding bounds
     frozen_last: bool = False
 
     @classmethod
-    def build(cls, X: Tensor, y: Tensor, num_classes: int) -> Problem:
-        """The problem of validated features ``X`` (n x F) and labels ``y`` in ``[0, num_classes)``."""
-        X1 = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-        targets = X1.new_zeros(num_classes, X1.shape[1]).index_add_(0, y, X1)
-        return cls(X1, y, targets, float(X1.abs().max()))
+    def build(cls, X: Tensor | Rows, y: Tensor, num_classes: int) -> Problem:
+        """The problem of validated features ``X`` (n x F, or its :class:`Rows`) and labels in ``[0, num_classes)``."""
+        rows = X if isinstance(X, Rows) else Rows(X, dtype=X.dtype)
+        return cls(rows, y, rows.class_sums(y, num_classes), rows.abs_max())
 
     @property
     def n(self) -> int:
-        """The number of rows."""
-        return self.X1.shape[0]
+        """The number of rows, over all processes."""
+        return self.rows.n_total
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the solve."""
+        return self.rows.dtype
 
     def columns(self, cols: Tensor) -> Problem:
         """The same problem on the feature columns ``cols`` only."""
-        keep = torch.cat([cols.to(self.X1.device), cols.new_full((1,), self.X1.shape[1] - 1).to(self.X1.device)])
-        return Problem(self.X1[:, keep], self.y, self.targets[:, keep], self.x_absmax)
+        cols = cols.to(self.targets.device)
+        keep = torch.cat([cols, cols.new_full((1,), self.rows.num_columns)])
+        return Problem(self.rows.columns(cols), self.y, self.targets[:, keep], self.x_absmax)
 
     def restrict(self, active: Tensor) -> tuple[Problem, Tensor, Tensor]:
         """The problem on the ``active`` classes plus one frozen class merging the rest.
@@ -170,32 +192,37 @@ class Problem:
         ``log(counts)``. Returns the problem, the rest's class indices and their log shares of that class.
         """
         num_classes = self.targets.shape[0]
-        rest = torch.ones(num_classes, dtype=torch.bool, device=self.X1.device)
+        device = self.targets.device
+        rest = torch.ones(num_classes, dtype=torch.bool, device=device)
         rest[active] = False
         rest = rest.nonzero().flatten()
-        label_map = torch.full((num_classes,), active.numel(), dtype=torch.int64, device=self.X1.device)
-        label_map[active] = torch.arange(active.numel(), device=self.X1.device)
+        label_map = torch.full((num_classes,), active.numel(), dtype=torch.int64, device=device)
+        label_map[active] = torch.arange(active.numel(), device=device)
         targets = torch.cat([self.targets[active], self.targets[rest].sum(dim=0, keepdim=True)])
         rest_counts = self.targets[rest, -1]
         log_share = (rest_counts / rest_counts.sum()).log()
-        return Problem(self.X1, label_map[self.y], targets, self.x_absmax, True), rest, log_share
+        return Problem(self.rows, label_map[self.y], targets, self.x_absmax, True), rest, log_share
 
     def start(self, bias: Tensor) -> Solution:
         """The all-zero-weight solution with ``bias``: the null model, where a path starts."""
-        theta = bias.new_zeros(bias.shape[0], self.X1.shape[1])
+        theta = bias.new_zeros(bias.shape[0], self.rows.num_columns + 1)
         theta[:, -1] = bias
-        return Solution(theta, bias.expand(self.n, -1).clone())
+        return Solution(theta, bias.expand(self.rows.n, -1).clone())
 
     def logits(self, theta: Tensor) -> Tensor:
-        """The n x C logits of the parameters ``theta``."""
-        return self.X1 @ theta.t()
+        """The (local) n x C logits of the parameters ``theta``."""
+        return self.rows.logits(theta)
+
+    def row_mean(self, values: Tensor) -> Tensor:
+        """The mean over all processes' rows of a per-row quantity (local n, or its local sum as a scalar)."""
+        return self.rows.sum(values.sum()) / self.n
 
     def gradient(self, probs: Tensor, theta: Tensor | None = None, ridge: float = 0.0) -> Tensor:
         """Gradient of the mean cross-entropy at ``probs`` (plus ``ridge * W`` of ``theta``), weights and bias.
 
         ``X1^T (P - Y) / n`` with the constant ``X1^T Y`` precomputed: no n x C one-hot residual is formed.
         """
-        grad = (probs.t() @ self.X1).sub_(self.targets).div_(self.n)
+        grad = self.rows.transpose_product(probs).sub_(self.targets).div_(self.n)
         if ridge and theta is not None:
             grad[:, :-1].add_(theta[:, :-1], alpha=ridge)
         if self.frozen_last:
@@ -209,7 +236,7 @@ class Problem:
         per column, so with ``group`` the weight columns are averaged over classes.
         """
         curvature = probs * (1.0 - probs)
-        h = (curvature.t() @ self.X1.square()).div_(self.n)
+        h = self.rows.transpose_product(curvature, square=True).div_(self.n)
         if group:
             h[:, :-1] = h[:, :-1].mean(dim=0, keepdim=True)
         floor = max(_METRIC_FLOOR * float(h.mean()), torch.finfo(h.dtype).eps)
@@ -229,13 +256,12 @@ class Problem:
         """A first step size under the Jacobi metric: the inverse of the largest eigenvalue of the Gram matrix
         of ``X1`` with unit diagonal (features as correlated as they are), by power iteration; the search
         adapts it."""
-        X1, n = self.X1, self.n
-        diag = X1.square().mean(dim=0).clamp_min(torch.finfo(X1.dtype).tiny).sqrt()
+        diag = self.rows.square_mean().clamp_min(torch.finfo(self.dtype).tiny).sqrt()
         gen = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn(X1.shape[1], generator=gen, dtype=X1.dtype).to(X1.device)
+        v = torch.randn(self.rows.num_columns + 1, generator=gen, dtype=self.dtype).to(diag.device)
         sigma = 1.0
         for _ in range(iters):
-            w = (X1.t() @ (X1 @ (v / diag))) / (n * diag)
+            w = self.rows.gram_product(v / diag) / (self.n * diag)
             sigma = float(w.norm())
             if sigma == 0.0:
                 return 1.0
@@ -272,19 +298,19 @@ class NullModel:
     lambda_max: float
 
 
-def null_model(X: Tensor, y: Tensor, num_classes: int, alpha: float, group: bool) -> NullModel:
-    """The null model of validated features ``X`` and labels ``y``: the one place lambda_max is computed.
+def null_model(problem: Problem, alpha: float, group: bool) -> NullModel:
+    """The null model of ``problem`` (unrestricted, every class present): the one place lambda_max is computed.
 
     ``lambda_max = max_{c,j} |X^T (Y - Ybar)|_{jc} / (n * alpha)``, or with ``group`` the largest column L2
     norm over classes; as in glm-saga, computed on the matrix as given.
     """
-    counts = check_classes(y, num_classes)
-    freq = counts.to(X.dtype) / X.shape[0]
+    counts = check_counts(problem.targets[:, -1])
+    freq = counts / problem.n
     bias = freq.log()
     bias = bias - bias.mean()
-    # X^T (P - Y) / n with P the class frequencies on every row, written without an n x C one-hot matrix.
-    class_sums = torch.zeros(num_classes, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y, X)
-    grad = freq[:, None] * X.mean(dim=0)[None, :] - class_sums / X.shape[0]
+    # X^T (P - Y) / n with P the class frequencies on every row, from the class sums: no n x C one-hot matrix.
+    class_sums = problem.targets[:, :-1]
+    grad = freq[:, None] * (class_sums.sum(dim=0) / problem.n)[None, :] - class_sums / problem.n
     scale = float(grad.norm(dim=0).max() if group else grad.abs().max())
     return NullModel(bias, grad, scale, scale / alpha)
 
@@ -311,7 +337,7 @@ def kkt_tolerance(problem: Problem, null: NullModel, tol: float, group: bool) ->
         "KKT tolerance %.3g is below the rounding of %s gradients on these features (%.3g); solving to %.3g "
         "instead (dtype=torch.float64 resolves tighter tolerances)",
         requested,
-        str(problem.X1.dtype).removeprefix("torch."),
+        str(problem.dtype).removeprefix("torch."),
         rounding,
         floor,
     )

@@ -7,11 +7,22 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import random_split
 
 from .point import solve_point
-from .problem import Problem, Solution, check_alpha, check_classes, check_problem, kkt_tolerance, null_model
+from .problem import (
+    Problem,
+    Solution,
+    check_alpha,
+    check_counts,
+    check_problem,
+    check_settings,
+    kkt_tolerance,
+    null_model,
+)
+from .rows import Rows
 from .solver import lambda_grid
 
 __all__ = [
@@ -20,6 +31,8 @@ __all__ = [
     "fit_selection",
     "select_features",
     "split_indices",
+    "local_rows",
+    "shard_offsets",
     "normalize_features",
     "population_statistics",
     "check_n_features",
@@ -58,6 +71,26 @@ def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[Ten
     return torch.tensor(train.indices, dtype=torch.int64), torch.tensor(val.indices, dtype=torch.int64)
 
 
+def local_rows(indices: Tensor, n_total: int, row_index: Tensor) -> Tensor:
+    """The positions (sorted) of this process's rows, with global indices ``row_index``, that lie in ``indices``.
+
+    A split is drawn once over the global row order (:func:`split_indices`); each process keeps its part.
+    """
+    member = torch.zeros(n_total, dtype=torch.bool)
+    member[indices] = True
+    return member[row_index.cpu()].nonzero().flatten()
+
+
+def shard_offsets(rows: Rows) -> Tensor:
+    """Global indices of this process's rows when the processes hold consecutive shards in rank order."""
+    if rows.world_size == 1:
+        return torch.arange(rows.n)
+    counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(rows.world_size)]
+    dist.all_gather(counts, torch.tensor([rows.n], device=rows.device), group=rows.process_group)
+    start = int(sum(int(c) for c in counts[: dist.get_rank(rows.process_group)]))
+    return torch.arange(start, start + rows.n)
+
+
 def population_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     """Per-column mean and population (divide by N) standard deviation over all rows, in float64."""
     f64 = features.to(torch.float64)
@@ -65,13 +98,16 @@ def population_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (f64 - mean).square().mean(dim=0).sqrt()
 
 
-def normalize_features(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def normalize_features(
+    features: Tensor, statistics: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(features - mean) / max(std, 1e-5)`` with the mean and population std over all rows; returns all three.
 
-    The returned std is the clamped one, the value the solver divided by.
+    ``statistics`` are the float64 ``(mean, std)`` to use instead (e.g. over the rows of every process). The
+    returned std is the clamped one, the value the solver divided by.
     """
     f64 = features.to(torch.float64)
-    mean, std = population_statistics(f64)
+    mean, std = population_statistics(f64) if statistics is None else statistics
     std = std.clamp_min(STD_FLOOR)
     normalized = ((f64 - mean) / std).to(features.dtype)
     return normalized, mean.to(features.dtype), std.to(features.dtype)
@@ -102,6 +138,9 @@ def selection_path(
     max_iter: int = 20000,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    chunk_rows: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    row_index: Tensor | None = None,
 ) -> SelectionPath:
     """Select ``n_features`` columns of ``X`` (n x F dense features) for a sparse multinomial head.
 
@@ -120,6 +159,11 @@ def selection_path(
         n_lambdas, eps: the lambda grid, from lambda_max down to ``eps * lambda_max``.
         tol, max_iter, dtype: solver settings (see :func:`~timm_qsenn.sparse.elastic_net_path`).
         progress: show a tqdm bar over the selected features.
+        chunk_rows: rows per chunk of every product (see :class:`~timm_qsenn.sparse.rows.Rows`); ``X`` may be
+            float16/bfloat16 or memory-mapped, and is never copied whole (it is standardised chunk by chunk).
+        process_group, row_index: sharded over a ``torch.distributed`` group, ``X`` and ``y`` hold this
+            process's rows, whose global indices are ``row_index`` (default: consecutive shards in rank
+            order); the split is drawn over the global order and every process gets the same selection.
 
     Deviations from the reference implementation, chosen on purpose:
 
@@ -138,17 +182,21 @@ def selection_path(
     """
     start = time.perf_counter()
     alpha = check_alpha(alpha)
-    X, y, num_classes = check_problem(X, y, dtype=dtype)
+    X, y, num_classes = check_problem(X, y)
     n_features = check_n_features(n_features, X.shape[1])
-    if normalize:
-        X = normalize_features(X)[0]
-    train, _ = split_indices(X.shape[0], val_fraction, seed)
-    train = train.to(X.device)
-    X_train, y_train = X.index_select(0, train), y.index_select(0, train)
-    check_classes(y_train, num_classes, name=f"the training split (val_fraction={val_fraction})")
+    check_settings(dtype, tol, max_iter)
+    # Read for the statistics and the class counts only: nothing to keep.
+    rows = Rows(X, dtype=dtype, chunk_rows=chunk_rows, cache_bytes=0, process_group=process_group)
+    if process_group is not None:
+        num_classes = int(rows.amax(torch.tensor(num_classes, device=rows.device)))
+    row_index = shard_offsets(rows) if row_index is None else row_index
+    train = local_rows(split_indices(rows.n_total, val_fraction, seed)[0], rows.n_total, row_index).to(X.device)
+    counts = rows.sum(torch.bincount(y[train], minlength=num_classes))
+    check_counts(counts, name=f"the training split (val_fraction={val_fraction})")
+    mean, std = rows.statistics() if normalize else (None, None)
     result = fit_selection(
-        X_train,
-        y_train,
+        candidate_rows(X, train, (mean, std) if normalize else None, rows),
+        y.index_select(0, train),
         num_classes,
         n_features,
         alpha=alpha,
@@ -162,8 +210,23 @@ def selection_path(
     return result
 
 
+def candidate_rows(X: Tensor, train: Tensor, statistics: tuple[Tensor, Tensor] | None, like: Rows) -> Rows:
+    """The training rows of ``X`` as the selection sees them: standardised on the fly with ``statistics``."""
+    shift, scale = (statistics[0], statistics[1].clamp_min(STD_FLOOR)) if statistics is not None else (None, None)
+    return Rows(
+        X,
+        index=train,
+        shift=shift,
+        scale=scale,
+        dtype=like.dtype,
+        device=like.device,
+        chunk_rows=like.chunk_rows,
+        process_group=like.process_group,
+    )
+
+
 def fit_selection(
-    X: Tensor,
+    X: Tensor | Rows,
     y: Tensor,
     num_classes: int,
     n_features: int,
@@ -177,12 +240,14 @@ def fit_selection(
 ) -> SelectionPath:
     """:func:`selection_path` on the normalised training rows its caller validated and split (as sparsify does).
 
-    ``X`` is finite and in the solve dtype, ``y`` int64 class indices on its device with every class of
-    ``num_classes`` present, and the caller has checked ``alpha`` and ``n_features`` (:func:`check_n_features`).
+    ``X`` is finite and in the solve dtype (or :class:`~timm_qsenn.sparse.rows.Rows` of its rows), ``y`` int64
+    class indices on its device with every class of ``num_classes`` present, and the caller has checked ``alpha``
+    and ``n_features`` (:func:`check_n_features`).
     """
     start = time.perf_counter()
     full = Problem.build(X, y, num_classes)
-    null = null_model(X, y, num_classes, alpha, group=True)
+    null = null_model(full, alpha, group=True)
+    device = full.targets.device
     abs_tol, _ = kkt_tolerance(full, null, tol, group=True)
     lams = lambda_grid(null.lambda_max, n_lambdas, eps).tolist()
 
@@ -201,7 +266,7 @@ def fit_selection(
     for lam in lams:
         while len(order) < n_features:
             if order:
-                sub = full.columns(torch.tensor(order, device=X.device))
+                sub = full.columns(torch.tensor(order, device=device))
                 state, n_iter, violation = solve_point(
                     sub, state, lam, alpha=alpha, group=True, tol=abs_tol, max_iter=max_iter
                 )
@@ -218,7 +283,7 @@ def fit_selection(
             # Gradient norms of every column; an unselected column has zero weights, so no ridge term.
             norms = full.gradient(probs)[:, :-1].norm(dim=0)
             if order:
-                norms[torch.tensor(order, device=X.device)] = -1.0
+                norms[torch.tensor(order, device=device)] = -1.0
             best = int(norms.argmax())
             if float(norms[best]) <= lam * alpha + abs_tol:
                 break

@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .point import solve_point
 from .problem import Problem, Solution, check_alpha, check_problem, check_settings, kkt_tolerance, null_model
+from .rows import Rows
 
 __all__ = ["RegPath", "lambda_max", "lambda_grid", "elastic_net_path", "objective", "kkt_violation"]
 
@@ -64,10 +66,6 @@ class RegPath:
 # -- the objective, lambda_max and the KKT check -----------------------------------------------------------
 
 
-def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(z, y)
-
-
 def _penalty(weight: Tensor, lam: float, alpha: float, group: bool) -> Tensor:
     sparse = weight.norm(dim=0).sum() if group else weight.abs().sum()
     return lam * (alpha * sparse + 0.5 * (1.0 - alpha) * weight.square().sum())
@@ -81,7 +79,7 @@ def lambda_max(X: Tensor, y: Tensor, alpha: float = 0.99, group: bool = False) -
     """
     alpha = check_alpha(alpha)
     X, y, num_classes = check_problem(X, y)
-    return null_model(X, y, num_classes, alpha, group).lambda_max
+    return null_model(Problem.build(X, y, num_classes), alpha, group).lambda_max
 
 
 def lambda_grid(lam_max: float, n_lambdas: int = 100, eps: float = 1e-3) -> Tensor:
@@ -102,7 +100,7 @@ def objective(
     weight = weight.to(device=X.device, dtype=X.dtype)
     bias = bias.to(device=X.device, dtype=X.dtype)
     z = torch.addmm(bias, X, weight.t())
-    return float(_cross_entropy(z, y.to(X.device)) + _penalty(weight, lam, alpha, group))
+    return float(F.cross_entropy(z, y.to(X.device)) + _penalty(weight, lam, alpha, group))
 
 
 def kkt_violation(
@@ -154,6 +152,8 @@ def elastic_net_path(
     stop_at_nnz: int | None = None,
     progress: bool = False,
     check_input: bool = True,
+    chunk_rows: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> RegPath:
     """Fit the (group) elastic-net path of multinomial logistic regression on ``X`` (already normalised).
 
@@ -175,24 +175,37 @@ def elastic_net_path(
         check_input: False skips the scan of the data (as scikit-learn's ``enet_path``), for a caller that
             validated it already (:func:`~timm_qsenn.sparse.problem.check_problem`): ``X`` and ``X_val`` finite
             and in ``dtype``, ``y`` and ``y_val`` int64 class indices on ``X``'s device.
+        chunk_rows: rows per chunk of every product with ``X`` (default: chunks of about 128 MiB), which bounds
+            the memory a product needs; ``X`` itself may then be float16/bfloat16 or memory-mapped.
+        process_group: solve over the rows of every process in this group (``torch.distributed``): ``X``,
+            ``y``, ``X_val`` and ``y_val`` hold this process's shard; every process gets the same path.
     """
     start = time.perf_counter()
     alpha = check_alpha(alpha)
     check_settings(dtype, tol, max_iter)
     if check_input:
-        X, y, num_classes = check_problem(X, y, num_classes, dtype=dtype)
+        X, y, num_classes = check_problem(X, y, num_classes)
     elif num_classes is None:
         num_classes = int(y.max()) + 1
+    rows = Rows(X, dtype=dtype, chunk_rows=chunk_rows, process_group=process_group)
+    if process_group is not None:
+        num_classes = int(rows.amax(torch.tensor(num_classes, device=rows.device)))
     if (X_val is None) != (y_val is None):
         raise ValueError("pass both X_val and y_val, or neither")
     if X_val is not None:
         if check_input:
-            X_val, y_val, _ = check_problem(X_val, y_val, num_classes, name="X_val", dtype=dtype)
+            X_val, y_val, _ = check_problem(X_val, y_val, num_classes, name="X_val")
         if X_val.shape[1] != X.shape[1]:
             raise ValueError(f"X_val has {X_val.shape[1]} features but X has {X.shape[1]}")
-        X_val, y_val = X_val.to(X.device), y_val.to(X.device)
+        val_rows = Rows(X_val, dtype=dtype, device=X.device, chunk_rows=chunk_rows, process_group=process_group)
+        y_val = y_val.to(X.device)
+        if val_rows.n_total == 0:
+            val_rows = None
+    else:
+        val_rows = None
 
-    null = null_model(X, y, num_classes, alpha, group)
+    prob = Problem.build(rows, y, num_classes)
+    null = null_model(prob, alpha, group)
     lam_max = null.lambda_max
     if lambdas is None:
         lams = lambda_grid(lam_max, n_lambdas, eps)
@@ -205,7 +218,6 @@ def elastic_net_path(
             )
         lams = lams.sort(descending=True).values
 
-    prob = Problem.build(X, y, num_classes)
     abs_tol, rounding = kkt_tolerance(prob, null, tol, group)
     zero = prob.start(null.bias)
     zero.step = prob.first_step()
@@ -238,7 +250,7 @@ def elastic_net_path(
                 prob, start_state, lam, alpha=alpha, group=group, tol=abs_tol, max_iter=max_iter, screen=screen
             )
         prev_lam = lam
-        row = _summarise(X, y, X_val, y_val, state, lam, alpha, group)
+        row = _summarise(prob, val_rows, y_val, state, lam, alpha, group)
         row.update(n_iter=n_iter, kkt=violation, converged=violation <= abs_tol)
         row["seconds"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -283,30 +295,32 @@ def elastic_net_path(
     )
 
 
-def _accuracy(z: Tensor, y: Tensor) -> Tensor:
+def _fit_sums(rows: Rows, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy of the logits ``z`` of ``rows`` over all processes' rows."""
     # A gather and a max instead of argmax, which is several times slower on CPU; ties count as correct.
-    return (z.gather(1, y[:, None]).squeeze(1) >= z.amax(dim=1)).to(z.dtype).mean()
+    correct = (z.gather(1, y[:, None]).squeeze(1) >= z.amax(dim=1)).to(z.dtype).sum()
+    sums = rows.sum(torch.stack([F.cross_entropy(z, y, reduction="sum"), correct]))
+    return sums[0] / rows.n_total, sums[1] / rows.n_total
 
 
 def _summarise(
-    X: Tensor,
-    y: Tensor,
-    X_val: Tensor | None,
+    prob: Problem,
+    val_rows: Rows | None,
     y_val: Tensor | None,
     state: Solution,
     lam: float,
     alpha: float,
     group: bool,
 ) -> dict:
-    stats = [_cross_entropy(state.logits, y), _penalty(state.weight, lam, alpha, group), _accuracy(state.logits, y)]
-    if X_val is not None:
-        z_val = torch.addmm(state.bias, X_val, state.weight.t())
-        stats += [_cross_entropy(z_val, y_val), _accuracy(z_val, y_val)]
+    ce, acc = _fit_sums(prob.rows, state.logits, prob.y)
+    stats = [ce, _penalty(state.weight, lam, alpha, group), acc]
+    if val_rows is not None:
+        stats += list(_fit_sums(val_rows, val_rows.logits(state.theta), y_val))
     nonzero = state.weight != 0
-    stats += [nonzero.sum().to(X.dtype), nonzero.any(dim=0).sum().to(X.dtype)]
+    stats += [nonzero.sum().to(prob.dtype), nonzero.any(dim=0).sum().to(prob.dtype)]
     values = torch.stack(stats).tolist()
     ce_v, pen_v, acc_v = values[:3]
-    val_loss, val_acc = values[3:5] if X_val is not None else (math.nan, math.nan)
+    val_loss, val_acc = values[3:5] if val_rows is not None else (math.nan, math.nan)
     return dict(
         weight=state.weight.detach().cpu().clone(),
         # Softmax ignores a common shift of the biases; report the centred ones, the gauge glm-saga's zero start

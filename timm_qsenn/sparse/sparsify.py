@@ -6,11 +6,21 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..ternary import TernaryWeights, quantize_ternary, ternary_bias
-from .problem import check_alpha, check_classes, check_problem, check_settings
-from .select import check_n_features, fit_selection, normalize_features, split_indices
+from .problem import check_alpha, check_counts, check_problem, check_settings
+from .rows import Rows
+from .select import (
+    candidate_rows,
+    check_n_features,
+    fit_selection,
+    local_rows,
+    normalize_features,
+    shard_offsets,
+    split_indices,
+)
 from .solver import elastic_net_path
 
 __all__ = ["SparseHead", "sparsify"]
@@ -72,6 +82,9 @@ def sparsify(
     max_iter: int = 20000,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    chunk_rows: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    row_index: Tensor | None = None,
 ) -> SparseHead:
     """One Q-SENN sparsification step on pooled features (N x F) and their labels.
 
@@ -87,7 +100,12 @@ def sparsify(
        With ``ternary=False`` the kept weights stay real and the bias is the path's (SLDD-style; the reference
        SLDD model picks a denser path point instead of the last one).
 
-    ``features`` may live on any device; the fit runs there. The result is on the CPU.
+    ``features`` may live on any device, in any floating dtype (float16/bfloat16 halve the memory) and may be
+    memory-mapped; the fit runs on its device, in ``dtype``, over row chunks of ``chunk_rows`` (default about
+    128 MiB each). With a ``process_group`` (``torch.distributed``) ``features`` and ``labels`` are this
+    process's shard, whose global row indices are ``row_index`` (default: consecutive shards in rank order);
+    the split is drawn over the global order, every sum runs over all shards, and every process returns the
+    same head. The result is on the CPU.
     """
     # The one validation of the data (a full scan) and the one split; selection and path fit on its rows.
     features, labels, num_classes = check_problem(features, labels, name="features")
@@ -104,19 +122,32 @@ def sparsify(
             )
     alpha = check_alpha(alpha)
     check_settings(dtype, tol, max_iter)
-    train, val = split_indices(features.shape[0], val_fraction, seed)
-    train, val = train.to(features.device), val.to(features.device)
-    check_classes(labels[train], num_classes, name=f"the training split (val_fraction={val_fraction})")
+    # Read for the statistics and the class counts only: nothing to keep.
+    rows = Rows(features, dtype=dtype, chunk_rows=chunk_rows, cache_bytes=0, process_group=process_group)
+    if process_group is not None:
+        num_classes = int(rows.amax(torch.tensor(num_classes, device=rows.device)))
+    row_index = shard_offsets(rows) if row_index is None else row_index.flatten()
+    if row_index.numel() != rows.n:
+        raise ValueError(
+            f"row_index has {row_index.numel()} entries but features has {rows.n} rows; pass one "
+            "global row index per local row"
+        )
+    # The one split, drawn over the global row order; each process keeps its rows of either part.
+    train, val = split_indices(rows.n_total, val_fraction, seed)
+    train, val = (local_rows(part, rows.n_total, row_index).to(features.device) for part in (train, val))
+    counts = rows.sum(torch.bincount(labels[train], minlength=num_classes))
+    check_counts(counts, name=f"the training split (val_fraction={val_fraction})")
+    has_val = int(rows.sum(torch.tensor(val.numel(), device=rows.device))) > 0
     path_settings = dict(n_lambdas=n_lambdas, eps=eps, tol=tol, max_iter=max_iter, progress=progress)
 
     seconds: dict[str, float] = {}
     order = None
     if selection is None:
         start = time.perf_counter()
-        # Selection normalises with the statistics of all rows and fits on the training rows.
-        candidates = normalize_features(features.to(dtype))[0]
+        # Selection standardises with the statistics of all rows and fits on the training rows, chunk by chunk:
+        # the candidate matrix is never copied whole.
         chosen = fit_selection(
-            candidates.index_select(0, train),
+            candidate_rows(features, train, rows.statistics(), rows),
             labels.index_select(0, train),
             num_classes,
             n_features,
@@ -130,16 +161,19 @@ def sparsify(
         columns = features
 
     start = time.perf_counter()
-    normalized, mean, std = normalize_features(columns.to(dtype))
+    column_rows = Rows(columns, dtype=dtype, chunk_rows=chunk_rows, process_group=process_group)
+    normalized, mean, std = normalize_features(columns.to(dtype), column_rows.statistics())
     path = elastic_net_path(
         normalized[train],
         labels[train],
         alpha=alpha,
-        X_val=normalized[val] if val.numel() else None,
-        y_val=labels[val] if val.numel() else None,
+        X_val=normalized[val] if has_val else None,
+        y_val=labels[val] if has_val else None,
         num_classes=num_classes,
         dtype=dtype,
         check_input=False,
+        chunk_rows=chunk_rows,
+        process_group=process_group,
         **path_settings,
     )
     seconds["path"] = time.perf_counter() - start

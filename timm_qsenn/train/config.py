@@ -85,6 +85,8 @@ class SparseConfig:
     binary: bool = False
     tol: float = 1e-4  # KKT tolerance of each path point, relative to the largest gradient at lambda_max
     dtype: str = "float32"
+    feature_dtype: str = "float32"  # storage of the pooled-feature cache: float32, float16 or bfloat16
+    shard_above_mb: float = 1024.0  # with several processes, larger feature matrices stay sharded (0: always)
 
 
 @dataclass

@@ -325,41 +325,58 @@ class QSENNTrainer:
         from ..sparse import sparsify
 
         acc, cfg = self.accelerator, self.config
+        sc = cfg.sparse
         phase = f"sparse_{iteration}"
         self._clock = time.perf_counter()
+        feature_dtype = getattr(torch, sc.feature_dtype)
+        size_mb = len(self.train_eval_loader.dataset) * model.head.num_features * feature_dtype.itemsize / 2**20
+        # Small feature matrices are gathered and solved once; large ones stay sharded and are solved together.
+        shard = acc.num_processes > 1 and size_mb > sc.shard_above_mb
         features = extract_features(
             model,
             self.train_eval_loader,
             accelerator=acc,
             cache_dir=self.run_dir / "features",
             show_progress=acc.is_local_main_process,
+            dtype=feature_dtype,
+            shard=shard,
         )
-        sc = cfg.sparse
-
-        def fit() -> Any:
-            # Solved once, on the main process, and broadcast: every process installs the same head.
+        settings = dict(
+            n_features=sc.n_features,
+            n_per_class=sc.n_per_class,
+            selection=None if model.head.stage == "dense" else model.head.selection.cpu(),
+            select_alpha=sc.select_alpha,
+            alpha=sc.alpha,
+            n_lambdas=sc.n_lambdas,
+            eps=sc.eps,
+            val_fraction=sc.val_fraction,
+            seed=cfg.run.seed,
+            exact_per_class=sc.exact_per_class,
+            binary=sc.binary,
+            tol=sc.tol,
+            dtype=getattr(torch, sc.dtype),
+            progress=acc.is_local_main_process,
+        )
+        fit_path = self.run_dir / "sparse" / f"iteration_{iteration}.safetensors"
+        if shard:
+            # Every process solves on its shard with the sums all-reduced in rank order: the same head everywhere.
             sparse = sparsify(
                 features.features,
                 features.labels,
-                n_features=sc.n_features,
-                n_per_class=sc.n_per_class,
-                selection=None if model.head.stage == "dense" else model.head.selection.cpu(),
-                select_alpha=sc.select_alpha,
-                alpha=sc.alpha,
-                n_lambdas=sc.n_lambdas,
-                eps=sc.eps,
-                val_fraction=sc.val_fraction,
-                seed=cfg.run.seed,
-                exact_per_class=sc.exact_per_class,
-                binary=sc.binary,
-                tol=sc.tol,
-                dtype=getattr(torch, sc.dtype),
-                progress=acc.is_local_main_process,
+                row_index=features.row_index,
+                process_group=torch.distributed.group.WORLD,
+                **settings,
             )
-            _save_sparse_fit(sparse, self.run_dir / "sparse" / f"iteration_{iteration}.safetensors")
-            return sparse
+            on_main(acc, lambda: _save_sparse_fit(sparse, fit_path))
+        else:
 
-        sparse = on_main(self.accelerator, fit)
+            def fit() -> Any:
+                # Solved once, on the main process, and broadcast: every process installs the same head.
+                sparse = sparsify(features.features, features.labels, **settings)
+                _save_sparse_fit(sparse, fit_path)
+                return sparse
+
+            sparse = on_main(acc, fit)
         head = model.head
         head.select(sparse.selection)
         head.set_normalization(sparse.mean.to(head.mean), sparse.std.to(head.std))

@@ -119,6 +119,11 @@ def describe_data(model: QSENN, config: TrainConfig, data: DataBundle) -> None:
 def check_sparse_settings(config: TrainConfig, model: QSENN, num_classes: int) -> None:
     """A feature count the backbone lacks is an error; a weight budget the layer cannot hold, a warning."""
     sc = config.sparse
+    if sc.feature_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(
+            f"sparse.feature_dtype={sc.feature_dtype!r} is not a feature storage dtype; choose float32, float16 "
+            "or bfloat16"
+        )
     if sc.n_features > model.num_features:
         source = f"backbone {config.model.backbone}"
         if config.model.adapter:

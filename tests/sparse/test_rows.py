@@ -1,0 +1,95 @@
+"""Rows: every product over row chunks (chunk sizes that do not divide n), low-precision storage, on-the-fly
+standardisation and a row subset, against the same product on the whole float64 matrix."""
+
+import pytest
+import torch
+
+from timm_qsenn.sparse import elastic_net_path, selection_path, sparsify
+from timm_qsenn.sparse.rows import Rows
+
+from .conftest import structured_problem
+
+# float32 products of n rows: each entry is a sum of n terms, off by at most ~n * eps of the sum of magnitudes;
+# the sums here are over 103 rows of O(1) values, so 1e-4 relative to the largest entry is a loose, safe bound.
+RTOL32 = 1e-4
+
+
+def _dense(x, index=None, shift=None, scale=None):
+    x = x.double()
+    if index is not None:
+        x = x[index]
+    if shift is not None:
+        x = (x - shift.double()) / scale.double()
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def _close(a, b, rtol=RTOL32):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max()) <= rtol * max(float(b.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 103, None])
+def test_chunked_products_match_the_whole_matrix(storage, chunk_rows):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(131, 9, generator=gen) * 2 + 1).to(storage)
+    index = torch.randperm(131, generator=gen)[:103]
+    shift, scale = torch.randn(9, generator=gen), torch.rand(9, generator=gen) + 0.5
+    rows = Rows(x, index=index, shift=shift, scale=scale, chunk_rows=chunk_rows)
+    x1 = _dense(x, index, shift, scale)
+    assert rows.n == rows.n_total == 103
+    theta = torch.randn(4, 10, generator=gen)
+    R = torch.rand(103, 4, generator=gen)
+    y = torch.randint(0, 4, (103,), generator=gen)
+    assert _close(rows.logits(theta), x1 @ theta.double().t())
+    assert _close(rows.transpose_product(R), R.double().t() @ x1)
+    assert _close(rows.transpose_product(R, square=True), R.double().t() @ x1.square())
+    assert _close(rows.class_sums(y, 4), torch.nn.functional.one_hot(y, 4).double().t() @ x1)
+    u = torch.randn(10, generator=gen)
+    assert _close(rows.gram_product(u), x1.t() @ (x1 @ u.double()))
+    assert _close(rows.square_mean(), x1.square().mean(dim=0))
+    assert rows.abs_max() == pytest.approx(float(x1.abs().max()), rel=RTOL32)
+    mean, std = Rows(x, index=index).statistics()
+    plain = x.double()[index]
+    assert torch.allclose(mean, plain.mean(dim=0)) and torch.allclose(std, plain.std(dim=0, unbiased=False))
+    wide = x.double()
+    Rows(wide, dtype=torch.float64, chunk_rows=chunk_rows).statistics()
+    assert torch.equal(wide, x.double())  # the statistics never write into a matrix they read as views
+    assert torch.equal(x, x.clone())  # the standardisation never wrote into the stored matrix
+
+
+def test_a_bad_chunk_size_is_an_error():
+    with pytest.raises(ValueError, match="chunk_rows must be a positive number of rows, got 0"):
+        Rows(torch.zeros(3, 2), chunk_rows=0)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return structured_problem(n=600, num_features=40, num_classes=6, informative=12, seed=1, dtype=torch.float64)
+
+
+def test_chunked_selection_and_path_match_the_whole_matrix(problem):
+    # float64 and a tight tolerance: two solves that both meet the KKT conditions to 1e-8 of lambda_max agree
+    # far closer than 1e-4, while any product over the wrong rows would move the answer by O(1).
+    x, y = problem
+    settings = dict(n_features=8, n_lambdas=20, dtype=torch.float64, tol=1e-8)
+    whole = selection_path(x, y, **settings)
+    chunked = selection_path(x, y, chunk_rows=37, **settings)  # 540 training rows: 37 does not divide it
+    assert torch.equal(whole.order, chunked.order)
+    assert torch.allclose(whole.entry_lambdas, chunked.entry_lambdas)
+    sel = whole.indices
+    kwargs = dict(n_lambdas=10, eps=1e-2, dtype=torch.float64, tol=1e-8, X_val=x[:50, sel], y_val=y[:50])
+    a = elastic_net_path(x[:, sel], y, **kwargs)
+    b = elastic_net_path(x[:, sel], y, chunk_rows=37, **kwargs)
+    scale = float(a.weights.abs().max())
+    assert float((a.weights - b.weights).abs().max()) <= 1e-4 * scale
+    assert torch.allclose(a.objective, b.objective, rtol=1e-8) and torch.allclose(a.val_loss, b.val_loss)
+
+
+def test_float16_features_give_the_selection_of_their_float32_values(problem):
+    x, y = problem
+    half = x.to(torch.float16)
+    a = sparsify(half, y, n_features=6, n_lambdas=15, n_per_class=2, chunk_rows=64)
+    b = sparsify(half.float(), y, n_features=6, n_lambdas=15, n_per_class=2)
+    assert torch.equal(a.selection_order, b.selection_order)
+    assert float((a.dense_weight - b.dense_weight).abs().max()) <= 1e-3 * float(b.dense_weight.abs().max())
