@@ -1,6 +1,11 @@
-"""A tiny, learnable image dataset and the config of a seconds-long Q-SENN run on it."""
+"""A tiny, learnable image dataset, the config of a seconds-long Q-SENN run on it, and runs of `qsenn train`."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,8 @@ from safetensors.torch import load_file
 from timm_qsenn.train import QSENNTrainer, load_config
 
 CLASSES = 4
+# Child runs: no Hub, one thread each (two processes share two cores), output as it comes.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _toy_image(label: int, rng: np.random.Generator) -> Image.Image:
@@ -82,3 +89,46 @@ def finished_run(toy_folder, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return output, summary
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    """`qsenn train ARGS` in a child process (or ``launcher ... train ARGS``), stdout and stderr together."""
+    return subprocess.Popen(
+        [sys.executable, *(launcher or ["-m", "timm_qsenn"]), "train", *args],
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def train_two_processes(args: list[str], port: int) -> subprocess.CompletedProcess:
+    """`qsenn train ARGS` under torchrun with 2 CPU processes; the test asserts on its return code."""
+    return subprocess.run(
+        # torchrun from this interpreter: a venv's bin folder need not be on PATH.
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        + ["-m", "timm_qsenn", "train", *args],
+        env=dict(ENV, ACCELERATE_USE_CPU="true"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def kill_when(proc: subprocess.Popen, state_path: Path, phase: str, epoch: int, batch: int) -> dict:
+    """SIGKILL the run once state.json records a checkpoint at or past (phase, epoch, batch)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
+        try:
+            checkpoint = json.loads(state_path.read_text())["checkpoint"] or {}
+        except (FileNotFoundError, json.JSONDecodeError):
+            checkpoint = {}
+        if checkpoint.get("phase") == phase and (checkpoint["epoch"], checkpoint["batch"]) >= (epoch, batch):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return checkpoint
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the checkpoint")

@@ -1,13 +1,10 @@
 """Two-process training end to end on a backbone whose timm head keeps layers after pooling (ConvNeXt)."""
 
 import json
-import os
-import subprocess
-import sys
 
 from timm_qsenn.hub import load_model
 
-from .conftest import tiny_overrides
+from .conftest import tiny_overrides, train_two_processes
 
 
 def test_two_processes_train_a_convnext_end_to_end(toy_folder, tmp_path):
@@ -21,14 +18,7 @@ def test_two_processes_train_a_convnext_end_to_end(toy_folder, tmp_path):
         "finetune.lr=0.0005",
         "data.batch_size=4",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543"]
-        + ["-m", "timm_qsenn", "train", *args],
-        env=dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = train_two_processes(args, port=29543)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["n_features"] == 8

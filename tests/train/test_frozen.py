@@ -2,9 +2,6 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -19,8 +16,7 @@ from timm_qsenn.map_cache import CachedMaps, cache_maps
 from timm_qsenn.train import QSENNTrainer, load_config
 from timm_qsenn.train.loop import TrainModule, train_epoch
 
-from .conftest import final_weights, tiny_overrides
-from .test_pipeline import ENV, _kill_when, _run_cli
+from .conftest import final_weights, kill_when, run_cli, tiny_overrides, train_two_processes
 
 # A frozen random test_resnet, an adapter, AdamW (SGD at the toy's learning rates diverges through an adapter
 # whose inputs are the tiny maps of a random backbone).
@@ -125,9 +121,9 @@ def test_a_frozen_run_killed_inside_an_adapter_epoch_resumes_to_identical_weight
     reference, _ = frozen_run
     output = tmp_path / "killed"
     args = tiny_overrides(toy_folder, output) + FROZEN + ["run.checkpoint_steps=1"]
-    killed_at = _kill_when(_run_cli(args), output / "state.json", "dense", 1, 2)
+    killed_at = kill_when(run_cli(args), output / "state.json", "dense", 1, 2)
     assert not (output / "summary.json").exists()
-    resumed = _run_cli(args)
+    resumed = run_cli(args)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming the run" in out and killed_at["phase"] in out
@@ -140,14 +136,7 @@ def test_a_frozen_run_killed_inside_an_adapter_epoch_resumes_to_identical_weight
 def test_two_processes_build_and_read_the_cache_and_train(toy_folder, tmp_path):
     output = tmp_path / "two"
     args = tiny_overrides(toy_folder, output) + FROZEN + ["data.batch_size=4", "model.cache_views=2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
-        + ["-m", "timm_qsenn", "train", *args],
-        env=dict(os.environ, **ENV, ACCELERATE_USE_CPU="true"),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = train_two_processes(args, port=29561)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["n_features"] == 8

@@ -1,11 +1,8 @@
 """The whole Q-SENN pipeline on tiny data: end to end, kill-and-resume, two processes, bad input."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,7 @@ from safetensors.torch import load_file, save_file
 from timm_qsenn.hub import load_model
 from timm_qsenn.train import QSENNTrainer, RunExistsError, load_config
 
-from .conftest import CLASSES, final_weights, tiny_overrides
-
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+from .conftest import CLASSES, ENV, final_weights, kill_when, run_cli, tiny_overrides, train_two_processes
 
 
 def test_end_to_end_gives_a_ternary_head_that_learned(finished_run):
@@ -40,44 +35,14 @@ def test_end_to_end_gives_a_ternary_head_that_learned(finished_run):
     assert summary["dense_accuracy"] >= 0.6, summary
 
 
-def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "timm_qsenn", "train", *args],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
-
-
-def _kill_when(proc: subprocess.Popen, state_path: Path, phase: str, epoch: int, batch: int) -> dict:
-    """SIGKILL the run once state.json records a checkpoint at or past (phase, epoch, batch)."""
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
-        try:
-            checkpoint = json.loads(state_path.read_text())["checkpoint"] or {}
-        except (FileNotFoundError, json.JSONDecodeError):
-            checkpoint = {}
-        if checkpoint.get("phase") == phase and (checkpoint["epoch"], checkpoint["batch"]) >= (epoch, batch):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return checkpoint
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("timed out waiting for the checkpoint")
-
-
 @pytest.mark.parametrize("phase, epoch, batch", [("dense", 1, 2), ("finetune_1", 0, 2)])
 def test_killed_run_resumes_to_identical_weights(finished_run, toy_folder, tmp_path, phase, epoch, batch):
     reference, _ = finished_run
     output = tmp_path / "killed"
     args = tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"]
-    killed_at = _kill_when(_run_cli(args), output / "state.json", phase, epoch, batch)
+    killed_at = kill_when(run_cli(args), output / "state.json", phase, epoch, batch)
     assert not (output / "summary.json").exists()
-    resumed = _run_cli(args)
+    resumed = run_cli(args)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming the run" in out and killed_at["phase"] in out
@@ -112,31 +77,15 @@ def test_two_processes_match_one(toy_folder, tmp_path):
         # Tiny float differences between 1 and 2 processes must not be amplified by a loosely solved path.
         "sparse.tol=1e-6",
     ]
-    one = _run_cli(common + [f"run.output={tmp_path / 'one'}", "data.batch_size=8"])
+    one = run_cli(common + [f"run.output={tmp_path / 'one'}", "data.batch_size=8"])
     out, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out[-3000:]
-    two = subprocess.run(
-        # torchrun, from this interpreter: a venv's bin folder need not be on PATH.
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "timm_qsenn",
-            "train",
-        ]
-        + common
+    two = train_two_processes(
+        common
         # Features sharded over the two processes and the sparse fit solved by both together (the default only
         # above 1 GiB of features): the 1-process run gathers and solves alone, so this compares the two paths.
         + [f"run.output={tmp_path / 'two'}", "data.batch_size=4", "sparse.shard_above_mb=0"],
-        env=dict(ENV, ACCELERATE_USE_CPU="true"),
-        capture_output=True,
-        text=True,
-        timeout=400,
+        port=29517,
     )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]

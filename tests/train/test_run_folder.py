@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import random
 import signal
 import subprocess
@@ -18,9 +17,8 @@ from safetensors.torch import save_file
 from timm_qsenn.hub import load_model
 from timm_qsenn.train import QSENNTrainer, load_config
 
-from .conftest import final_weights, tiny_overrides
+from .conftest import ENV, final_weights, run_cli, tiny_overrides
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 DRIVER = Path(__file__).with_name("fault_driver.py")
 
 # Where the fault driver kills the run (see fault_driver.py): a random file operation anywhere in the run; inside
@@ -33,17 +31,6 @@ KILL_POINTS = [
     f"replace:state.json:{_rng.randint(3, 50)}",
     "replace:README.md:1",
 ]
-
-
-def _train(args: list[str], env: dict[str, str] | None = None, driver: bool = False) -> subprocess.Popen:
-    launcher = [str(DRIVER)] if driver else ["-m", "timm_qsenn"]
-    return subprocess.Popen(
-        [sys.executable, *launcher, "train", *args],
-        env=env or ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def _assert_same_result(reference: Path, output: Path) -> None:
@@ -66,10 +53,10 @@ def test_a_run_killed_at_any_moment_resumes_to_identical_weights(finished_run, t
     reference, _ = finished_run
     output = tmp_path / "run"
     args = tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"]
-    killed = _train(args, dict(ENV, QSENN_KILL_AT=kill_at), driver=True)
+    killed = run_cli(args, dict(ENV, QSENN_KILL_AT=kill_at), launcher=[str(DRIVER)])
     out, _ = killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {kill_at}:\n{out[-3000:]}"
-    resumed = _train(args)
+    resumed = run_cli(args)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming the run" in out
@@ -83,7 +70,7 @@ def test_a_run_killed_at_any_moment_resumes_to_identical_weights(finished_run, t
 def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_first(toy_folder, tmp_path):
     output = tmp_path / "run"
     args = tiny_overrides(toy_folder, output) + ["run.checkpoint_steps=1"]
-    first = _train(args)
+    first = run_cli(args)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
