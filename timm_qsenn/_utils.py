@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "SAFETENSORS_DTYPES",
     "eval_mode",
     "forward_batches",
     "gather",
@@ -33,6 +34,9 @@ __all__ = [
     "package_version",
     "environment",
 ]
+
+# The dtype names of the safetensors header, for the two caches that write or map such files by hand.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
 @contextlib.contextmanager

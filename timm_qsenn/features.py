@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ._utils import atomic_write, eval_mode, forward_batches, gather, is_shuffled
+from ._utils import SAFETENSORS_DTYPES, atomic_write, eval_mode, forward_batches, gather, is_shuffled
 from .sparse.rows import Rows
 
 __all__ = [
@@ -47,7 +47,7 @@ _FORMAT = "timm_qsenn.features"
 _FORMAT_VERSION = "1"
 _PREFIX = "qsenn-features-"
 _TENSORS = ("features", "labels", "mean", "std", "row_index")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # Attributes that list a dataset's items in common dataset classes (torchvision, timm readers, custom ones).
 _ITEM_LISTS = ("samples", "imgs", "files", "file_list", "filenames", "image_paths", "_image_files")
 

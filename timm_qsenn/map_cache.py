@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ._utils import atomic_write, atomic_write_text, eval_mode
+from ._utils import SAFETENSORS_DTYPES, atomic_write, atomic_write_text, eval_mode
 from .data import SeededAugmentation
 from .features import feature_cache_key
 
@@ -48,7 +48,6 @@ _FORMAT_VERSION = "1"
 _PREFIX = "qsenn-maps-"
 _INDEX = "index.json"
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 
 
 def _check_dtype(dtype: str) -> torch.dtype:
@@ -198,7 +197,7 @@ def _write_shard(
     itemsize = torch.empty(0, dtype=dtype).element_size()
     maps_bytes = views * rows * math.prod(shape) * itemsize
     header = {
-        "maps": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [views, rows, *shape], "data_offsets": [0, maps_bytes]},
+        "maps": {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [views, rows, *shape], "data_offsets": [0, maps_bytes]},
         "labels": {"dtype": "I64", "shape": [rows], "data_offsets": [maps_bytes, maps_bytes + 8 * rows]},
         "__metadata__": {"format": _FORMAT, "version": _FORMAT_VERSION, "key": key},
     }
