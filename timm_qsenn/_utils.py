@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "shard_bounds",
     "eval_mode",
     "forward_batches",
     "gather",
@@ -37,6 +38,12 @@ __all__ = [
 
 # The dtype names of the safetensors header, for the two caches that write or map such files by hand.
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def shard_bounds(rank: int, world: int, n: int) -> tuple[int, int]:
+    """The consecutive rows ``start, stop`` of ``n`` that process ``rank`` of ``world`` holds: in rank order,
+    sizes differing by at most one. The one split rule of every per-process cache."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 @contextlib.contextmanager

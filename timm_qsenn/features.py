@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ._utils import SAFETENSORS_DTYPES, atomic_write, eval_mode, forward_batches, gather, is_shuffled
+from ._utils import SAFETENSORS_DTYPES, atomic_write, eval_mode, forward_batches, gather, is_shuffled, shard_bounds
 from .sparse.rows import Rows
 
 __all__ = [
@@ -266,9 +265,7 @@ def pooled_features(
 
 def _shard_loader(loader: DataLoader, rank: int, world: int) -> tuple[DataLoader, Tensor]:
     """A plain loader over process ``rank``'s consecutive share of ``loader``'s dataset, and its row indices."""
-    n = len(loader.dataset)
-    per = math.ceil(n / world)
-    index = torch.arange(min(n, rank * per), min(n, (rank + 1) * per))
+    index = torch.arange(*shard_bounds(rank, world, len(loader.dataset)))
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
     shard = DataLoader(
         Subset(loader.dataset, index.tolist()),
@@ -317,7 +314,7 @@ def extract_features(
     if dtype != torch.float32 or sharded:
         # A float32 cache of all rows keeps the key it always had; any other layout is another entry.
         rank = accelerator.process_index if sharded else 0
-        variant = f"{key}|dtype={dtype}|shard={rank}/{world if sharded else 1}"
+        variant = f"{key}|dtype={dtype}|shard={rank}/{world if sharded else 1}|split=balanced"
         key = hashlib.sha256(variant.encode()).hexdigest()
     path = _cache_path(cache_dir, key) if cache_dir is not None else None
 

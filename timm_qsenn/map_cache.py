@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ._utils import SAFETENSORS_DTYPES, atomic_write, atomic_write_text, eval_mode
+from ._utils import SAFETENSORS_DTYPES, atomic_write, atomic_write_text, eval_mode, shard_bounds
 from .data import SeededAugmentation
 from .features import feature_cache_key
 
@@ -154,11 +154,8 @@ def _entry(cache_dir: str | os.PathLike, key: str) -> Path:
 
 def _shard(rank: int, world: int, rows: int) -> dict[str, Any]:
     """The file and the contiguous rows that process ``rank`` of ``world`` computes and writes."""
-    return {
-        "file": f"shard-{rank:03d}-of-{world:03d}.safetensors",
-        "start": rank * rows // world,
-        "stop": (rank + 1) * rows // world,
-    }
+    start, stop = shard_bounds(rank, world, rows)
+    return {"file": f"shard-{rank:03d}-of-{world:03d}.safetensors", "start": start, "stop": stop}
 
 
 def _open(folder: Path, key: str) -> CachedMaps | None:
