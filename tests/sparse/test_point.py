@@ -5,7 +5,7 @@ import torch
 
 from timm_qsenn.sparse import elastic_net_path, kkt_violation, lambda_max
 from timm_qsenn.sparse.point import solve_point
-from timm_qsenn.sparse.problem import Problem, check_alpha, check_settings, kkt_tolerance, null_model
+from timm_qsenn.sparse.problem import Problem, Solution, check_alpha, check_settings, kkt_tolerance, null_model
 
 
 @pytest.mark.parametrize("group", [False, True])
@@ -43,7 +43,9 @@ def test_columns_and_restrict_keep_the_bias_column(structured):
     merged, rest, log_share = prob.restrict(torch.tensor([0, 2]))
     assert merged.frozen_last and merged.targets.shape[0] == 3 and rest.tolist() == [1, 3, 4]
     assert log_share.exp().sum() == pytest.approx(1.0)
-    grad = merged.gradient(torch.full((x.shape[0], 3), 1 / 3))
+    grad = merged.gradient(
+        Solution(torch.zeros(3, x.shape[1] + 1, dtype=x.dtype), probs=torch.full((x.shape[0], 3), 1 / 3))
+    )
     assert torch.equal(grad[-1], torch.zeros_like(grad[-1]))  # the merged class never moves
 
 

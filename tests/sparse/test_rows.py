@@ -4,7 +4,7 @@ standardisation and a row subset, against the same product on the whole float64 
 import pytest
 import torch
 
-from timm_qsenn.sparse import elastic_net_path, selection_path, sparsify
+from timm_qsenn.sparse import elastic_net_path, objective, selection_path, sparsify, split_indices
 from timm_qsenn.sparse.rows import Rows
 
 from .conftest import structured_problem
@@ -42,8 +42,15 @@ def test_chunked_products_match_the_whole_matrix(storage, chunk_rows):
     R = torch.rand(103, 4, generator=gen)
     y = torch.randint(0, 4, (103,), generator=gen)
     assert _close(rows.logits(theta), x1 @ theta.double().t())
-    assert _close(rows.transpose_product(R), R.double().t() @ x1)
-    assert _close(rows.transpose_product(R, square=True), R.double().t() @ x1.square())
+    seen = []
+
+    def residual(local, block):
+        seen.append((local.stop - local.start, block.shape[0]))
+        return R[local]
+
+    assert _close(rows.residual_product(residual, 4, max_rows=5), R.double().t() @ x1)
+    assert all(n == m <= 5 for n, m in seen) and sum(n for n, _ in seen) == 103
+    assert _close(rows.residual_product(residual, 4, square=True), R.double().t() @ x1.square())
     assert _close(rows.class_sums(y, 4), torch.nn.functional.one_hot(y, 4).double().t() @ x1)
     u = torch.randn(10, generator=gen)
     assert _close(rows.gram_product(u), x1.t() @ (x1 @ u.double()))
@@ -86,10 +93,38 @@ def test_chunked_selection_and_path_match_the_whole_matrix(problem):
     assert torch.allclose(a.objective, b.objective, rtol=1e-8) and torch.allclose(a.val_loss, b.val_loss)
 
 
+def test_large_problems_never_form_the_n_by_classes_logits(problem, monkeypatch):
+    # Above one chunk of rows the logits exist only block by block: a whole n x C matrix is never formed, so
+    # memory is one chunk plus small blocks however many rows there are (issue 13).
+    x, y = problem
+    held = selection_path(x, y, n_features=4, n_lambdas=10, dtype=torch.float64)
+
+    def refuse(self, theta):
+        raise AssertionError(f"formed the whole {self.n} x {theta.shape[0]} logits")
+
+    monkeypatch.setattr(Rows, "logits", refuse)
+    blocked = selection_path(x, y, n_features=4, n_lambdas=10, dtype=torch.float64, chunk_rows=100)
+    assert torch.equal(held.order, blocked.order)
+    path = elastic_net_path(x[:, held.indices], y, n_lambdas=5, X_val=x[:50, held.indices], y_val=y[:50], chunk_rows=64)
+    assert bool(path.converged.all())
+    with pytest.raises(AssertionError, match="formed the whole"):
+        elastic_net_path(x[:, held.indices], y, n_lambdas=5)  # one chunk: held logits, as before
+
+
 def test_float16_features_give_the_selection_of_their_float32_values(problem):
     x, y = problem
     half = x.to(torch.float16)
     a = sparsify(half, y, n_features=6, n_lambdas=15, n_per_class=2, chunk_rows=64)
     b = sparsify(half.float(), y, n_features=6, n_lambdas=15, n_per_class=2)
     assert torch.equal(a.selection_order, b.selection_order)
-    assert float((a.dense_weight - b.dense_weight).abs().max()) <= 1e-3 * float(b.dense_weight.abs().max())
+    # Two float32 solves to the KKT tolerance need not have close weights (the elastic net is nearly flat along
+    # correlated columns), but their objectives on the fitted rows agree far closer: measured 3e-6 and 1e-5
+    # relative (block-wise and whole-matrix logits) on a CPU where the weights differed by 2e-3 and 8e-3.
+    train, _ = split_indices(x.shape[0], 0.1, 0)
+
+    def fitted_objective(head):
+        z = (half.double()[:, head.selection] - head.mean.double()) / head.std.double()
+        weight, bias = head.dense_weight.double(), head.dense_bias.double()
+        return objective(z[train], y[train], weight, bias, float(head.lambdas[-1]))
+
+    assert fitted_objective(a) == pytest.approx(fitted_objective(b), rel=1e-4)

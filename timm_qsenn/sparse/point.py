@@ -53,40 +53,32 @@ def _fista(
     l1, l2 = lam * alpha, lam * (1.0 - alpha)
     eps = torch.finfo(prob.dtype).eps
     x = state
-    if x.probs is None:
-        x.probs = torch.softmax(x.logits, dim=1)
-    h = prob.curvature(x.probs, group)
+    h = prob.curvature(x, group)
     inv_h = h.reciprocal()
     # The penalty's per-parameter scale under the metric; zero on the unpenalised bias column.
     penalised = inv_h[:1].clone() if group else inv_h.clone()
     penalised[:, -1] = 0.0
-    y_theta, y_z, probs = x.theta, x.logits, x.probs
+    y = x
     step = state.step
     momentum = 1.0
     for it in range(1, max_iter + 1):
-        if probs is None:
-            probs = torch.softmax(y_z, dim=1)
-        grad = prob.gradient(probs)
+        grad = prob.gradient(y)
         for _ in range(_MAX_BACKTRACKS):
-            new = _prox(
-                torch.addcmul(y_theta, inv_h, grad, value=-step),
-                (step * l1) * penalised,
-                (step * l2) * penalised,
-                group,
+            new = prob.point(
+                _prox(
+                    torch.addcmul(y.theta, inv_h, grad, value=-step),
+                    (step * l1) * penalised,
+                    (step * l2) * penalised,
+                    group,
+                )
             )
-            new_z = prob.logits(new)
-            d = new - y_theta
-            # Backtracking on the exact Bregman divergence of the CE in logit space,
-            # D = mean_i [log sum_c p_ic e^dz_ic - sum_c p_ic dz_ic], with expm1/log1p instead of a difference of
-            # two objective values, whose rounding would swamp D near convergence.
-            # In place on two n x C temporaries: at scale the n x C tensors, not the features, fill the memory.
-            dz = new_z - y_z
-            spread = torch.expm1(dz).mul_(probs).sum(dim=1)
-            bregman = prob.row_mean(torch.log1p(spread).sub_(dz.mul_(probs).sum(dim=1)))
+            d = new.theta - y.theta
+            # Backtracking on the exact Bregman divergence of the CE in logit space.
+            bregman = prob.bregman(y, new)
             hd = h * d
             sq = (hd * d).sum()
             # (y - x+) . (x+ - x) > 0 means the momentum points uphill: restart it (O'Donoghue & Candes).
-            uphill = -(hd * (new - x.theta)).sum()
+            uphill = -(hd * (new.theta - x.theta)).sum()
             # The gradient mapping, a cheap estimate of the KKT residual at the new iterate.
             gmap = hd.abs().amax()
             # Rounding bound of D: a few ulps of the largest logit change.
@@ -104,24 +96,25 @@ def _fista(
                 f"the proximal gradient step search failed at lambda={lam:.4g} (step {step:.3g}); the features "
                 "are probably badly scaled: normalise them, or solve in float64"
             )
-        new_state = Solution(new, new_z, step=step * _GROWTH)
+        new.step = step * _GROWTH
         if gmap / step <= tol:
-            violation = prob.kkt(new_state, lam, alpha, group)[0]
+            violation = prob.kkt(new, lam, alpha, group)[0]
             if violation <= tol:
-                return new_state, it, violation
+                return new, it, violation
             # Not yet: restart the momentum from the iterate, whose gradient is now known.
-            x, momentum = new_state, 1.0
-            y_theta, y_z, probs = new, new_z, new_state.probs
+            x = y = new
+            momentum = 1.0
         elif uphill > 0:
-            x, momentum = new_state, 1.0
-            y_theta, y_z, probs = new, new_z, None
+            x = y = new
+            momentum = 1.0
         else:
             momentum_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum))
             beta = (momentum - 1.0) / momentum_next
-            # y = x+ + beta (x+ - x) as one lerp; logits are affine in the parameters, so no matmul is needed.
-            y_theta = torch.lerp(x.theta, new, 1.0 + beta)
-            y_z = torch.lerp(x.logits, new_z, 1.0 + beta)
-            x, momentum, probs = new_state, momentum_next, None
+            # y = x+ + beta (x+ - x) as one lerp; held logits are affine in the parameters, so need no product.
+            held = x.logits is not None and new.logits is not None
+            logits = torch.lerp(x.logits, new.logits, 1.0 + beta) if held else None
+            y = Solution(torch.lerp(x.theta, new.theta, 1.0 + beta), logits)
+            x, momentum = new, momentum_next
         step *= _GROWTH
     return x, max_iter, prob.kkt(x, lam, alpha, group)[0]
 
@@ -145,7 +138,7 @@ def solve_point(
     out. Classes outside the working set keep zero weights; the full KKT check afterwards adds any that want
     in, and the point is re-solved.
     """
-    num_classes = prob.targets.shape[0]
+    num_classes = prob.num_classes
     if group:
         return _fista(prob, state, lam, alpha, group, tol, max_iter)
     active = state.weight.ne(0).any(dim=1)
@@ -164,17 +157,13 @@ def solve_point(
         merged = torch.logsumexp(state.bias[rest], dim=0, keepdim=True)
         row = state.theta.new_zeros(1, state.theta.shape[1])
         row[0, -1] = merged
-        sub_state = Solution(
-            torch.cat([state.theta[idx], row]),
-            torch.cat([state.logits[:, idx], merged.expand(prob.rows.n, 1)], dim=1),
-            step=state.step,
-        )
+        sub_state = sub.point(torch.cat([state.theta[idx], row]), step=state.step)
         sub_state, n_iter, _ = _fista(sub, sub_state, lam, alpha, group, tol, max_iter - used)
         used += n_iter
         theta = torch.zeros_like(state.theta)
         theta[idx] = sub_state.theta[:-1]
         theta[rest, -1] = sub_state.theta[-1, -1] + log_share
-        state = Solution(theta, prob.logits(theta), step=sub_state.step)
+        state = prob.point(theta, step=sub_state.step)
         violation, rows = prob.kkt(state, lam, alpha, group)
         wanting = (rows > tol) & ~active
         if violation <= tol or not wanting.any():

@@ -21,6 +21,8 @@ from .rows import Rows
 __all__ = [
     "Problem",
     "Solution",
+    "block_logits",
+    "fit_sums",
     "NullModel",
     "check_alpha",
     "check_settings",
@@ -40,6 +42,12 @@ _METRIC_FLOOR = 0.3
 _ROUNDING_MARGIN = 4.0
 # Rows per block of the finiteness scan.
 _SCAN_ROWS = 1 << 14
+# A block of an n x C quantity (logits, probabilities, residuals) takes at most this many bytes; a product
+# forms a few such blocks at a time.
+BLOCK_BYTES = 16 << 20
+# Solutions hold their n x C logits and probabilities while one such tensor takes at most this many bytes
+# (a solve then holds about six of them); above it they are formed block by block at every use.
+HELD_LOGITS_BYTES = 64 << 20
 
 
 # -- validation, once at each public boundary --------------------------------------------------------------
@@ -124,11 +132,12 @@ def check_counts(counts: Tensor, name: str = "X") -> Tensor:
 
 @dataclass
 class Solution:
-    """A point ``theta = [W | b]`` with its logits and, once known, its probabilities and smooth gradient."""
+    """A point ``theta = [W | b]``, with its logits and probabilities where the problem holds them (see
+    :attr:`Problem.holds_logits`), and its smooth gradient once known."""
 
     theta: Tensor  # C x (F + 1)
-    logits: Tensor  # n x C
-    probs: Tensor | None = None
+    logits: Tensor | None = None  # n x C, held only while the rows are few
+    probs: Tensor | None = None  # n x C, likewise
     grad: Tensor | None = None
     step: float = 1.0  # the step size the next solve starts from
 
@@ -143,6 +152,13 @@ class Solution:
         return self.theta[:, -1]
 
 
+def block_logits(theta: Tensor, block: Tensor, columns: Tensor | None = None) -> Tensor:
+    """The logits ``[block | 1] @ theta.T`` of a block of rows (of the feature columns ``columns`` only)."""
+    if columns is not None:
+        block = block.index_select(1, columns)
+    return torch.addmm(theta[:, -1], block, theta[:, :-1].t())
+
+
 @dataclass
 class Problem:
     """Training rows with the constants every gradient needs; optionally with its last class frozen.
@@ -154,6 +170,12 @@ class Problem:
 
     The rows may be this process's shard of a matrix sharded over a process group (see :class:`Rows`): then
     ``y`` and every n x C tensor hold the local rows, and every sum over rows is over all processes.
+
+    Every n x C quantity (logits, probabilities, residuals) is formed block by block, from blocks of at most
+    :attr:`block_rows` rows, so that at scale a product needs memory for one chunk of the rows plus a few
+    small blocks, never for n x C. While the logits of all rows fit in one chunk and in
+    :data:`HELD_LOGITS_BYTES`, solutions hold them instead (:attr:`holds_logits`), which spares a product
+    per evaluation.
     """
 
     rows: Rows  # the features, with the column of ones appended implicitly
@@ -178,6 +200,25 @@ class Problem:
         """The dtype of the solve."""
         return self.rows.dtype
 
+    @property
+    def num_classes(self) -> int:
+        """The number of classes (a merged rest counts as one)."""
+        return self.targets.shape[0]
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per block of an n x C quantity: blocks of about :data:`BLOCK_BYTES`."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return max(1, BLOCK_BYTES // (itemsize * self.num_classes))
+
+    @property
+    def holds_logits(self) -> bool:
+        """Whether solutions hold their n x C logits and probabilities: while the local rows are one chunk and
+        their logits take at most :data:`HELD_LOGITS_BYTES`."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        fits = self.rows.n * self.num_classes * itemsize <= HELD_LOGITS_BYTES
+        return fits and self.rows.n <= self.rows.chunk_rows
+
     def columns(self, cols: Tensor) -> Problem:
         """The same problem on the feature columns ``cols`` only."""
         cols = cols.to(self.targets.device)
@@ -191,7 +232,7 @@ class Problem:
         they act as one class whose bias is their logsumexp; at any optimum their biases split as
         ``log(counts)``. Returns the problem, the rest's class indices and their log shares of that class.
         """
-        num_classes = self.targets.shape[0]
+        num_classes = self.num_classes
         device = self.targets.device
         rest = torch.ones(num_classes, dtype=torch.bool, device=device)
         rest[active] = False
@@ -203,52 +244,108 @@ class Problem:
         log_share = (rest_counts / rest_counts.sum()).log()
         return Problem(self.rows, label_map[self.y], targets, self.x_absmax, True), rest, log_share
 
+    def point(self, theta: Tensor, step: float = 1.0) -> Solution:
+        """The solution at ``theta``, with its logits if this problem holds them."""
+        return Solution(theta, self.rows.logits(theta) if self.holds_logits else None, step=step)
+
     def start(self, bias: Tensor) -> Solution:
         """The all-zero-weight solution with ``bias``: the null model, where a path starts."""
         theta = bias.new_zeros(bias.shape[0], self.rows.num_columns + 1)
         theta[:, -1] = bias
-        return Solution(theta, bias.expand(self.rows.n, -1).clone())
+        return self.point(theta)
 
     def logits(self, theta: Tensor) -> Tensor:
-        """The (local) n x C logits of the parameters ``theta``."""
+        """The (local) n x C logits of the parameters ``theta``; for checks on small problems."""
         return self.rows.logits(theta)
+
+    def probabilities(self, solution: Solution) -> None:
+        """Fill in the probabilities of a solution that holds its logits."""
+        if solution.probs is None and solution.logits is not None:
+            solution.probs = torch.softmax(solution.logits, dim=1)
+
+    def _block_probs(self, solution: Solution, rows: slice, block: Tensor, columns: Tensor | None) -> Tensor:
+        """The probabilities of ``solution`` on the rows ``rows`` (``block``): held, or computed now."""
+        if solution.probs is not None:
+            return solution.probs[rows]
+        if solution.logits is not None:
+            return torch.softmax(solution.logits[rows], dim=1)
+        return torch.softmax(block_logits(solution.theta, block, columns), dim=1)
+
+    def _block_logits(self, solution: Solution, rows: slice, block: Tensor) -> Tensor:
+        """The logits of ``solution`` on the rows ``rows`` (``block``): held, or computed now."""
+        if solution.logits is not None:
+            return solution.logits[rows]
+        return block_logits(solution.theta, block)
 
     def row_mean(self, values: Tensor) -> Tensor:
         """The mean over all processes' rows of a per-row quantity (local n, or its local sum as a scalar)."""
         return self.rows.sum(values.sum()) / self.n
 
-    def gradient(self, probs: Tensor, theta: Tensor | None = None, ridge: float = 0.0) -> Tensor:
-        """Gradient of the mean cross-entropy at ``probs`` (plus ``ridge * W`` of ``theta``), weights and bias.
+    def gradient(self, solution: Solution, ridge: float = 0.0, columns: Tensor | None = None) -> Tensor:
+        """Gradient of the mean cross-entropy at ``solution`` (plus ``ridge * W``), weights and bias.
 
         ``X1^T (P - Y) / n`` with the constant ``X1^T Y`` precomputed: no n x C one-hot residual is formed.
+        ``solution`` may be one of this problem on the feature columns ``columns`` only (see :meth:`columns`).
         """
-        grad = self.rows.transpose_product(probs).sub_(self.targets).div_(self.n)
-        if ridge and theta is not None:
-            grad[:, :-1].add_(theta[:, :-1], alpha=ridge)
+        self.probabilities(solution)
+
+        def residual(rows: slice, block: Tensor) -> Tensor:
+            return self._block_probs(solution, rows, block, columns)
+
+        grad = self.rows.residual_product(residual, self.num_classes, max_rows=self.block_rows)
+        grad.sub_(self.targets).div_(self.n)
+        if ridge:
+            grad[:, :-1].add_(solution.weight, alpha=ridge)
         if self.frozen_last:
             grad[-1] = 0.0
         return grad
 
-    def curvature(self, probs: Tensor, group: bool) -> Tensor:
-        """Diagonal of the CE Hessian at ``probs`` (Jacobi preconditioner), one entry per parameter.
+    def curvature(self, solution: Solution, group: bool) -> Tensor:
+        """Diagonal of the CE Hessian at ``solution`` (Jacobi preconditioner), one entry per parameter.
 
         The L1 prox stays an elementwise soft threshold under a diagonal metric; the group prox needs one scale
         per column, so with ``group`` the weight columns are averaged over classes.
         """
-        curvature = probs * (1.0 - probs)
-        h = self.rows.transpose_product(curvature, square=True).div_(self.n)
+        self.probabilities(solution)
+
+        def residual(rows: slice, block: Tensor) -> Tensor:
+            p = self._block_probs(solution, rows, block, None)
+            return p * (1.0 - p)
+
+        h = self.rows.residual_product(residual, self.num_classes, square=True, max_rows=self.block_rows)
+        h.div_(self.n)
         if group:
             h[:, :-1] = h[:, :-1].mean(dim=0, keepdim=True)
         floor = max(_METRIC_FLOOR * float(h.mean()), torch.finfo(h.dtype).eps)
         return h.clamp_min(floor)
 
+    def bregman(self, base: Solution, new: Solution) -> Tensor:
+        """The Bregman divergence of the mean CE from ``base`` to ``new`` in logit space, as a 0-d tensor.
+
+        ``D = mean_i [log sum_c p_ic e^dz_ic - sum_c p_ic dz_ic]`` with ``p`` at ``base`` and ``dz`` the logit
+        change, by expm1/log1p instead of a difference of two objective values, whose rounding would swamp
+        ``D`` near convergence.
+        """
+        self.probabilities(base)
+        total = torch.zeros((), dtype=self.dtype, device=self.rows.device)
+        for rows, block in self.rows.chunks(self.block_rows):
+            p = self._block_probs(base, rows, block, None)
+            # In place on the block's temporaries: one block's worth of memory each.
+            dz = self._block_logits(new, rows, block) - self._block_logits(base, rows, block)
+            spread = torch.expm1(dz).mul_(p).sum(dim=1)
+            total += torch.log1p(spread).sub_(dz.mul_(p).sum(dim=1)).sum()
+        return self.rows.sum(total) / self.n
+
+    def fit_sums(self, solution: Solution) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy and accuracy of ``solution`` over all processes' rows."""
+        return fit_sums(self.rows, solution.theta, self.y, self.block_rows)
+
     def kkt(self, solution: Solution, lam: float, alpha: float, group: bool) -> tuple[float, Tensor]:
         """Largest KKT violation at ``solution`` and its parts (see :func:`_violations`).
 
-        Stores the probabilities and the smooth gradient on ``solution``, for the solve that may follow.
+        Stores the smooth gradient (and held probabilities) on ``solution``, for the solve that may follow.
         """
-        solution.probs = torch.softmax(solution.logits, dim=1)
-        solution.grad = self.gradient(solution.probs, solution.theta, lam * (1.0 - alpha))
+        solution.grad = self.gradient(solution, lam * (1.0 - alpha))
         parts = _violations(solution.grad, solution.theta, lam, alpha, group)
         return float(parts.max()), parts
 
@@ -267,6 +364,20 @@ class Problem:
                 return 1.0
             v = w / sigma
         return 1.0 / sigma
+
+
+def fit_sums(rows: Rows, theta: Tensor, y: Tensor, block_rows: int) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy of the parameters ``theta`` on ``rows`` (labels ``y``) over all
+    processes' rows, from blocks of at most ``block_rows`` rows."""
+    sums = torch.zeros(2, dtype=rows.dtype, device=rows.device)
+    for local, block in rows.chunks(block_rows):
+        z = block_logits(theta, block)
+        labels = y[local]
+        # A gather and a max instead of argmax, which is several times slower on CPU; ties count as correct.
+        correct = (z.gather(1, labels[:, None]).squeeze(1) >= z.amax(dim=1)).to(z.dtype).sum()
+        sums += torch.stack([torch.nn.functional.cross_entropy(z, labels, reduction="sum"), correct])
+    sums = rows.sum(sums)
+    return sums[0] / rows.n_total, sums[1] / rows.n_total
 
 
 def _violations(grad: Tensor, theta: Tensor, lam: float, alpha: float, group: bool) -> Tensor:
@@ -325,8 +436,7 @@ def kkt_tolerance(problem: Problem, null: NullModel, tol: float, group: bool) ->
     features; a violation below a few times that is noise, so asking for less could never be met.
     """
     requested = tol * null.scale if null.scale > 0 else tol
-    probs = torch.softmax(problem.start(null.bias).logits, dim=1)
-    grad = problem.gradient(probs)
+    grad = problem.gradient(problem.start(null.bias))
     diff = grad[:, :-1] - null.grad
     weight_error = float(diff.norm(dim=0).max() if group else diff.abs().max())
     rounding = max(weight_error, float(grad[:, -1].abs().max()))

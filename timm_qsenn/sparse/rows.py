@@ -13,7 +13,7 @@ the same shards gives the same path on every run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,7 @@ class Rows:
         self.scale = scale.to(device=self.device, dtype=dtype) if scale is not None else None
         self.dtype = dtype
         self.process_group = process_group
+        self.chunk_rows_requested = chunk_rows
         self.n = int(self.index.numel()) if self.index is not None else X.shape[0]
         self.num_columns = X.shape[1]
         itemsize = torch.finfo(dtype).bits // 8
@@ -102,18 +103,26 @@ class Rows:
 
     # -- the rows --------------------------------------------------------------------------------------------
 
-    def chunks(self) -> Iterator[tuple[slice, Tensor]]:
-        """``(local row slice, chunk)`` pairs covering the rows in order, each chunk in the solve dtype."""
-        if self._cache is None:
-            yield from self._convert()
-            return
-        for start, chunk in zip(range(0, self.n, self.chunk_rows), self._cache):
-            yield slice(start, start + chunk.shape[0]), chunk
+    def chunks(self, max_rows: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+        """``(local row slice, chunk)`` pairs covering the rows in order, each chunk in the solve dtype; with
+        ``max_rows`` the chunks are split further into views of at most that many rows."""
+        stored = self._convert() if self._cache is None else zip(self._starts(), self._cache)
+        for rows, chunk in stored:
+            if max_rows is None or chunk.shape[0] <= max_rows:
+                yield rows, chunk
+                continue
+            for start in range(0, chunk.shape[0], max_rows):
+                block = chunk[start : start + max_rows]
+                yield slice(rows.start + start, rows.start + start + block.shape[0]), block
+
+    def _starts(self) -> Iterator[slice]:
+        """The local row slices of the stored chunks."""
+        for start in range(0, self.n, self.chunk_rows):
+            yield slice(start, min(start + self.chunk_rows, self.n))
 
     def _convert(self) -> Iterator[tuple[slice, Tensor]]:
         """The chunks, each gathered, converted and standardised now."""
-        for start in range(0, self.n, self.chunk_rows):
-            rows = slice(start, min(start + self.chunk_rows, self.n))
+        for rows in self._starts():
             chunk = self.X[rows] if self.index is None else self.X.index_select(0, self.index[rows])
             converted = chunk.to(device=self.device, dtype=self.dtype)
             if self.shift is not None or self.scale is not None:
@@ -132,7 +141,8 @@ class Rows:
         block = torch.empty(self.n, cols.numel(), dtype=self.dtype, device=self.device)
         for rows, chunk in self.chunks():
             block[rows] = chunk.index_select(1, cols)
-        return Rows(block, dtype=self.dtype, chunk_rows=self.chunk_rows, process_group=self.process_group)
+        # A requested chunk size carries over; the default one is sized for the narrower block.
+        return Rows(block, dtype=self.dtype, chunk_rows=self.chunk_rows_requested, process_group=self.process_group)
 
     # -- products with the parameters ------------------------------------------------------------------------
 
@@ -149,12 +159,24 @@ class Rows:
             out[rows] = z
         return out if out is not None else theta.new_zeros(0, theta.shape[0])
 
-    def transpose_product(self, R: Tensor, square: bool = False) -> Tensor:
-        """``R^T [X | 1]`` (``R^T [X^2 | 1]`` with ``square``) over all processes' rows, C x (F + 1)."""
-        weights = R.new_zeros(R.shape[1], self.num_columns)
-        for rows, chunk in self.chunks():
-            weights.addmm_(R[rows].t(), chunk.square() if square else chunk)
-        return self.sum(torch.cat([weights, R.sum(dim=0)[:, None]], dim=1))
+    def residual_product(
+        self,
+        residual: Callable[[slice, Tensor], Tensor],
+        num_classes: int,
+        *,
+        square: bool = False,
+        max_rows: int | None = None,
+    ) -> Tensor:
+        """``R^T [X | 1]`` (``R^T [X^2 | 1]`` with ``square``) over all processes' rows, C x (F + 1), where the
+        n x C matrix ``R`` is only ever formed block by block: ``residual(rows, block)`` gives its rows ``rows``
+        from the chunk ``block`` of at most ``max_rows`` rows."""
+        weights = torch.zeros(num_classes, self.num_columns, dtype=self.dtype, device=self.device)
+        bias = torch.zeros(num_classes, dtype=self.dtype, device=self.device)
+        for rows, block in self.chunks(max_rows):
+            r = residual(rows, block)
+            weights.addmm_(r.t(), block.square() if square else block)
+            bias += r.sum(dim=0)
+        return self.sum(torch.cat([weights, bias[:, None]], dim=1))
 
     def class_sums(self, y: Tensor, num_classes: int) -> Tensor:
         """``Y^T [X | 1]`` for the one-hot labels ``y``: per class, the sum of its rows and its count."""

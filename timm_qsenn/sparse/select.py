@@ -279,20 +279,19 @@ def fit_selection(
                         violation,
                         abs_tol,
                     )
-            probs = state.probs if state.probs is not None else torch.softmax(state.logits, dim=1)
+            selected = torch.tensor(order, dtype=torch.int64, device=device)
             # Gradient norms of every column; an unselected column has zero weights, so no ridge term.
-            norms = full.gradient(probs)[:, :-1].norm(dim=0)
-            if order:
-                norms[torch.tensor(order, device=device)] = -1.0
+            norms = full.gradient(state, columns=selected)[:, :-1].norm(dim=0)
+            norms[selected] = -1.0
             best = int(norms.argmax())
             if float(norms[best]) <= lam * alpha + abs_tol:
                 break
             order.append(best)
             entry.append(lam)
-            # The new column starts at zero (before the bias column), so logits and probabilities stay valid.
+            # The new column starts at zero (before the bias column), so held logits and probabilities stay valid.
             theta = state.theta
             theta = torch.cat([theta[:, :-1], theta.new_zeros(num_classes, 1), theta[:, -1:]], dim=1)
-            state = Solution(theta, state.logits, probs, step=state.step)
+            state = Solution(theta, state.logits, state.probs, step=state.step)
             if bar is not None:
                 bar.update(1)
         if len(order) == n_features:

@@ -28,7 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .point import solve_point
-from .problem import Problem, Solution, check_alpha, check_problem, check_settings, kkt_tolerance, null_model
+from .problem import (
+    Problem,
+    Solution,
+    check_alpha,
+    check_problem,
+    check_settings,
+    fit_sums,
+    kkt_tolerance,
+    null_model,
+)
 from .rows import Rows
 
 __all__ = ["RegPath", "lambda_max", "lambda_grid", "elastic_net_path", "objective", "kkt_violation"]
@@ -115,7 +124,7 @@ def kkt_violation(
     X, y, num_classes = check_problem(X, y, weight.shape[0])
     prob = Problem.build(X, y, num_classes)
     theta = torch.cat([weight, bias[:, None]], dim=1).to(device=X.device, dtype=X.dtype)
-    return prob.kkt(Solution(theta, prob.logits(theta)), lam, alpha, group)[0]
+    return prob.kkt(prob.point(theta), lam, alpha, group)[0]
 
 
 # -- the path ----------------------------------------------------------------------------------------------
@@ -131,7 +140,7 @@ def _extrapolate(prob: Problem, state: Solution, prev: Solution, ratio: float) -
     keep = theta * state.theta > 0
     keep[:, -1] = True
     theta = torch.where(keep, theta, torch.zeros_like(theta))
-    return Solution(theta, prob.logits(theta), step=state.step)
+    return prob.point(theta, step=state.step)
 
 
 def elastic_net_path(
@@ -233,7 +242,7 @@ def elastic_net_path(
     for k, lam in enumerate(iterator):
         if lam >= lam_max:
             # At or above lambda_max the all-zero model is optimal exactly, so it is returned as such.
-            state = Solution(zero.theta.clone(), zero.logits.clone(), step=state.step)
+            state = prob.point(zero.theta.clone(), step=state.step)
             n_iter, violation = 0, prob.kkt(state, lam, alpha, group)[0]
         else:
             screen = None
@@ -295,14 +304,6 @@ def elastic_net_path(
     )
 
 
-def _fit_sums(rows: Rows, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and accuracy of the logits ``z`` of ``rows`` over all processes' rows."""
-    # A gather and a max instead of argmax, which is several times slower on CPU; ties count as correct.
-    correct = (z.gather(1, y[:, None]).squeeze(1) >= z.amax(dim=1)).to(z.dtype).sum()
-    sums = rows.sum(torch.stack([F.cross_entropy(z, y, reduction="sum"), correct]))
-    return sums[0] / rows.n_total, sums[1] / rows.n_total
-
-
 def _summarise(
     prob: Problem,
     val_rows: Rows | None,
@@ -312,10 +313,10 @@ def _summarise(
     alpha: float,
     group: bool,
 ) -> dict:
-    ce, acc = _fit_sums(prob.rows, state.logits, prob.y)
+    ce, acc = prob.fit_sums(state)
     stats = [ce, _penalty(state.weight, lam, alpha, group), acc]
     if val_rows is not None:
-        stats += list(_fit_sums(val_rows, val_rows.logits(state.theta), y_val))
+        stats += list(fit_sums(val_rows, state.theta, y_val, prob.block_rows))
     nonzero = state.weight != 0
     stats += [nonzero.sum().to(prob.dtype), nonzero.any(dim=0).sum().to(prob.dtype)]
     values = torch.stack(stats).tolist()
