@@ -30,12 +30,14 @@ def _close(a, b, rtol=RTOL32):
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 103, None])
-def test_chunked_products_match_the_whole_matrix(storage, chunk_rows):
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "kept"])
+def test_chunked_products_match_the_whole_matrix(storage, chunk_rows, cache_bytes):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(131, 9, generator=gen) * 2 + 1).to(storage)
+    original = x.clone()
     index = torch.randperm(131, generator=gen)[:103]
     shift, scale = torch.randn(9, generator=gen), torch.rand(9, generator=gen) + 0.5
-    rows = Rows(x, index=index, shift=shift, scale=scale, chunk_rows=chunk_rows)
+    rows = Rows(x, index=index, shift=shift, scale=scale, chunk_rows=chunk_rows, cache_bytes=cache_bytes)
     x1 = _dense(x, index, shift, scale)
     assert rows.n == rows.n_total == 103
     theta = torch.randn(4, 10, generator=gen)
@@ -56,13 +58,17 @@ def test_chunked_products_match_the_whole_matrix(storage, chunk_rows):
     assert _close(rows.gram_product(u), x1.t() @ (x1 @ u.double()))
     assert _close(rows.square_mean(), x1.square().mean(dim=0))
     assert rows.abs_max() == pytest.approx(float(x1.abs().max()), rel=RTOL32)
-    mean, std = Rows(x, index=index).statistics()
+    mean, std = Rows(x, index=index, chunk_rows=chunk_rows, cache_bytes=cache_bytes).statistics()
     plain = x.double()[index]
     assert torch.allclose(mean, plain.mean(dim=0)) and torch.allclose(std, plain.std(dim=0, unbiased=False))
     wide = x.double()
-    Rows(wide, dtype=torch.float64, chunk_rows=chunk_rows).statistics()
+    Rows(wide, dtype=torch.float64, chunk_rows=chunk_rows, cache_bytes=cache_bytes).statistics()
     assert torch.equal(wide, x.double())  # the statistics never write into a matrix they read as views
-    assert torch.equal(x, x.clone())  # the standardisation never wrote into the stored matrix
+    assert torch.equal(x, original)  # the standardisation never wrote into the stored matrix
+    kept = Rows(x, shift=shift, scale=scale, chunk_rows=chunk_rows, cache_bytes=cache_bytes)
+    chunks = [chunk.clone() for _, chunk in kept.chunks()]  # streamed chunks share a buffer: copies outlive it
+    assert _close(torch.cat(chunks), _dense(x, None, shift, scale)[:, :-1])
+    assert torch.equal(x, original)
 
 
 def test_a_bad_chunk_size_is_an_error():

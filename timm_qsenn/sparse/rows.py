@@ -27,6 +27,9 @@ DEFAULT_CHUNK_BYTES = 128 << 20
 # Rows that need converting (another dtype or device, a row subset, standardisation) are converted once and
 # kept when all of them take at most this many bytes; larger ones are converted chunk by chunk at every use.
 DEFAULT_CACHE_BYTES = 1 << 30
+# A reduction whose temporary is as large as its input (a square, a float64 copy) reads the chunks in blocks
+# of this share of a chunk, so that the temporary stays small beside the chunk.
+_TEMPORARY_SHARE = 4
 
 
 class Rows:
@@ -40,7 +43,8 @@ class Rows:
         device: the device to solve on, default ``X``'s.
         chunk_rows: rows per chunk, default what fits in :data:`DEFAULT_CHUNK_BYTES`.
         cache_bytes: keep the converted rows when they take at most this many bytes (a small problem then pays
-            the conversion once); above it memory stays bounded by one chunk.
+            the conversion once); above it every chunk is converted into one reused buffer, so that memory
+            stays bounded by one chunk.
         process_group: the processes holding the other shards; ``None`` for a single process.
     """
 
@@ -73,7 +77,7 @@ class Rows:
         self.chunk_rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (itemsize * max(self.num_columns, 1)))
         views = index is None and shift is None and scale is None and X.dtype == dtype and X.device == self.device
         fits = self.n * self.num_columns * itemsize <= cache_bytes
-        self._cache = [chunk for _, chunk in self._convert()] if fits and not views else None
+        self._cache = [chunk for _, chunk in self._convert(reuse=False)] if fits and not views else None
         self.n_total = int(self.sum(torch.tensor(float(self.n), dtype=torch.float64, device=self.device)))
 
     # -- reductions over the processes -----------------------------------------------------------------------
@@ -105,8 +109,12 @@ class Rows:
 
     def chunks(self, max_rows: int | None = None) -> Iterator[tuple[slice, Tensor]]:
         """``(local row slice, chunk)`` pairs covering the rows in order, each chunk in the solve dtype; with
-        ``max_rows`` the chunks are split further into views of at most that many rows."""
-        stored = self._convert() if self._cache is None else zip(self._starts(), self._cache)
+        ``max_rows`` the chunks are split further into views of at most that many rows.
+
+        A chunk is valid until the next one is read (converted chunks share one buffer): copy what must outlive
+        the loop.
+        """
+        stored = self._convert(reuse=True) if self._cache is None else zip(self._starts(), self._cache)
         for rows, chunk in stored:
             if max_rows is None or chunk.shape[0] <= max_rows:
                 yield rows, chunk
@@ -120,15 +128,28 @@ class Rows:
         for start in range(0, self.n, self.chunk_rows):
             yield slice(start, min(start + self.chunk_rows, self.n))
 
-    def _convert(self) -> Iterator[tuple[slice, Tensor]]:
-        """The chunks, each gathered, converted and standardised now."""
+    @property
+    def temporary_rows(self) -> int:
+        """Rows per block of a reduction that forms a temporary as large as its block (see ``chunks``)."""
+        return max(1, self.chunk_rows // _TEMPORARY_SHARE)
+
+    def _convert(self, reuse: bool) -> Iterator[tuple[slice, Tensor]]:
+        """The chunks, each gathered, converted and standardised now; with ``reuse`` all into one buffer (the
+        previous chunk is overwritten), otherwise each into memory of its own."""
+        standardise = self.shift is not None or self.scale is not None
+        buffer = None
         for rows in self._starts():
             chunk = self.X[rows] if self.index is None else self.X.index_select(0, self.index[rows])
-            converted = chunk.to(device=self.device, dtype=self.dtype)
-            if self.shift is not None or self.scale is not None:
+            if not standardise and chunk.dtype == self.dtype and chunk.device == self.device:
+                converted = chunk
+            elif reuse:
+                if buffer is None:
+                    buffer = torch.empty(self.chunk_rows, self.num_columns, dtype=self.dtype, device=self.device)
+                converted = buffer[: chunk.shape[0]].copy_(chunk)
+            else:
                 # In place only on a copy: a plain view of X must stay untouched.
-                if self.index is None and converted.data_ptr() == chunk.data_ptr():
-                    converted = converted.clone()
+                converted = chunk.to(device=self.device, dtype=self.dtype, copy=self.index is None)
+            if standardise:
                 if self.shift is not None:
                     converted.sub_(self.shift)
                 if self.scale is not None:
@@ -172,6 +193,8 @@ class Rows:
         from the chunk ``block`` of at most ``max_rows`` rows."""
         weights = torch.zeros(num_classes, self.num_columns, dtype=self.dtype, device=self.device)
         bias = torch.zeros(num_classes, dtype=self.dtype, device=self.device)
+        if square:
+            max_rows = min(max_rows or self.chunk_rows, self.temporary_rows)
         for rows, block in self.chunks(max_rows):
             r = residual(rows, block)
             weights.addmm_(r.t(), block.square() if square else block)
@@ -198,8 +221,8 @@ class Rows:
     def square_mean(self) -> Tensor:
         """Mean over all rows of the squared entries of ``[X | 1]``, per column."""
         sums = torch.zeros(self.num_columns + 1, dtype=self.dtype, device=self.device)
-        for _, chunk in self.chunks():
-            sums[:-1] += chunk.square().sum(dim=0)
+        for _, block in self.chunks(self.temporary_rows):
+            sums[:-1] += block.square().sum(dim=0)
         sums[-1] = self.n
         return self.sum(sums) / self.n_total
 
@@ -207,7 +230,8 @@ class Rows:
         """The largest magnitude in ``[X | 1]`` over all processes' rows."""
         top = torch.ones((), dtype=self.dtype, device=self.device)
         for _, chunk in self.chunks():
-            top = torch.maximum(top, chunk.abs().amax())
+            low, high = torch.aminmax(chunk)
+            top = torch.maximum(top, torch.maximum(-low, high))
         return float(self.amax(top))
 
     def statistics(self) -> tuple[Tensor, Tensor]:
@@ -217,7 +241,7 @@ class Rows:
             total += chunk.sum(dim=0, dtype=torch.float64)
         mean = self.sum(total) / self.n_total
         spread = torch.zeros_like(mean)
-        for _, chunk in self.chunks():
-            # In place: one float64 copy of the chunk at a time.
-            spread += chunk.to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0)
+        for _, block in self.chunks(self.temporary_rows):
+            # In place: one float64 copy of a block at a time.
+            spread += block.to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0)
         return mean, (self.sum(spread) / self.n_total).sqrt()
