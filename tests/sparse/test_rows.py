@@ -6,6 +6,7 @@ import torch
 
 from timm_qsenn.sparse import elastic_net_path, objective, selection_path, sparsify, split_indices
 from timm_qsenn.sparse.rows import Rows
+from timm_qsenn.sparse.select import candidate_rows
 
 from .conftest import structured_problem
 
@@ -134,3 +135,14 @@ def test_float16_features_give_the_selection_of_their_float32_values(problem):
         return objective(z[train], y[train], weight, bias, float(head.lambdas[-1]))
 
     assert fitted_objective(a) == pytest.approx(fitted_objective(b), rel=1e-4)
+
+
+def test_a_default_chunk_size_is_sized_again_for_the_selected_columns():
+    # The selection's restricted problems hold a few columns of the candidate rows; their chunks (and whether
+    # their solutions hold the n x C logits) must follow their own width, not the 2048-wide matrix's.
+    x = torch.randn(50, 300)
+    train = torch.arange(40)
+    narrow = candidate_rows(x, train, None, Rows(x, cache_bytes=0)).columns(torch.tensor([0, 1]))
+    assert narrow.chunk_rows == Rows(torch.randn(40, 2)).chunk_rows > Rows(x).chunk_rows
+    requested = candidate_rows(x, train, None, Rows(x, chunk_rows=7, cache_bytes=0)).columns(torch.tensor([0, 1]))
+    assert requested.chunk_rows == 7

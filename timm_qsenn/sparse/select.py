@@ -220,7 +220,7 @@ def candidate_rows(X: Tensor, train: Tensor, statistics: tuple[Tensor, Tensor] |
         scale=scale,
         dtype=like.dtype,
         device=like.device,
-        chunk_rows=like.chunk_rows,
+        chunk_rows=like.chunk_rows_requested,
         process_group=like.process_group,
     )
 
