@@ -3,21 +3,25 @@
 Synthetic pooled-feature-like data (as ``bench_sparse.py``: class-dependent means on 30% of the channels, 8
 shared factors, ReLU), n x 2048 with 200 classes, generated chunk by chunk straight into the storage dtype
 (float16 by default), so that no float32 copy of the matrix ever exists. Every measurement runs in a fresh
-subprocess and reports its own peak RSS (``ru_maxrss``) and the RSS before the data existed (the baseline:
-Python, torch, the interpreter); with ``--processes 2`` two gloo processes each generate and hold only their
-half of the rows and solve together.
+subprocess and reports the RSS before the data existed (the baseline: Python, torch, the interpreter) and the
+peak RSS of the solve: the kernel's high-water mark (``VmHWM``) is reset once the data exist, so the peak
+holds the matrix and everything the solver adds, not the generator's temporaries (where the kernel cannot
+reset it, the process's lifetime peak stands in, an upper bound). With ``--processes 2`` two gloo processes
+each generate and hold only their half of the rows and solve together.
 
     python benchmarks/bench_sparse_scale.py                          # selection at 6k, 25k, 100k, 400k
     python benchmarks/bench_sparse_scale.py --sizes 6000 25000 --path-sizes 6000 --wide 25000 --processes 1 2
 
 Selection: 50 features by the one-at-a-time group path (``selection_path``, 100 lambdas). Path: one 100-lambda
 elastic-net path on n x 50 standardised features (``elastic_net_path``). Wide: the selection with 1000 classes.
-The last lines are the fitted exponent of time against n, one per task and process count.
+The last lines are the fitted exponent of time against n, one per task and process count, and the time it
+predicts at ImageNet's 1,281,167 rows (``--extrapolate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -32,8 +36,23 @@ import torch
 _CHUNK = 8192  # rows generated per seeded chunk: any process can produce any rows, the same on every layout
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux 4.0+); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def synthetic_rows(start: int, stop: int, num_features: int, num_classes: int, dtype: torch.dtype, seed: int = 0):
@@ -67,13 +86,15 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.world))
         dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
         group = dist.group.WORLD
-    base = _rss_bytes()
+    base = _status_bytes("VmRSS")
     dtype = getattr(torch, args.storage)
     shard = math.ceil(args.n / args.world)
     start, stop = args.rank * shard, min(args.n, (args.rank + 1) * shard)
     num_features = 50 if args.task == "path" else args.features
     x, y = synthetic_rows(start, stop, num_features, args.classes, dtype)
-    data = _rss_bytes()
+    gc.collect()
+    data = _status_bytes("VmRSS")
+    reset = _reset_peak()
     t0 = time.perf_counter()
     if args.task == "path":
         # Standardise as sparsify does, with the statistics of all rows (a small n x 50 matrix).
@@ -90,7 +111,9 @@ def worker(args: argparse.Namespace) -> dict:
     if group is not None:
         dist.destroy_process_group()
     matrix = x.numel() * x.element_size()
-    return dict(seconds=seconds, peak=_rss_bytes(), base=base, data=data, matrix=matrix, **extra)
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM") if reset else lifetime
+    return dict(seconds=seconds, peak=peak, lifetime=lifetime, base=base, data=data, matrix=matrix, **extra)
 
 
 def measure(task: str, n: int, classes: int, processes: int, args: argparse.Namespace) -> dict:
@@ -124,6 +147,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--storage", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--extrapolate", type=int, default=1_281_167, help="n to estimate the time at (ImageNet)")
     # The worker side of a measurement.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", default="select", help=argparse.SUPPRESS)
@@ -168,7 +192,12 @@ def main() -> None:
                 logn = torch.tensor([math.log(n) for n, _ in points], dtype=torch.float64)
                 logt = torch.tensor([math.log(t) for _, t in points], dtype=torch.float64)
                 slope = float(((logn - logn.mean()) * (logt - logt.mean())).sum() / (logn - logn.mean()).square().sum())
-                print(f"{task} with {processes} process(es): time ~ n^{slope:.2f}")
+                largest, seconds = max(points)
+                estimate = seconds * (args.extrapolate / largest) ** slope
+                print(
+                    f"{task} with {processes} process(es): time ~ n^{slope:.2f}; at n = {args.extrapolate:,} "
+                    f"about {estimate / 60:.0f} min (extrapolated from n = {largest:,})"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
