@@ -1,12 +1,15 @@
 """Rows: every product over row chunks (chunk sizes that do not divide n), low-precision storage, on-the-fly
 standardisation and a row subset, against the same product on the whole float64 matrix."""
 
+import sys
+
 import pytest
 import torch
 
 from timm_qsenn.sparse import elastic_net_path, objective, selection_path, sparsify, split_indices
+from timm_qsenn.sparse.problem import Problem
 from timm_qsenn.sparse.rows import Rows
-from timm_qsenn.sparse.select import candidate_rows
+from timm_qsenn.sparse.select import candidate_rows, fit_selection
 
 from .conftest import structured_problem
 
@@ -59,6 +62,16 @@ def test_chunked_products_match_the_whole_matrix(storage, chunk_rows, cache_byte
     assert _close(rows.gram_product(u), x1.t() @ (x1 @ u.double()))
     assert _close(rows.square_mean(), x1.square().mean(dim=0))
     assert rows.abs_max() == pytest.approx(float(x1.abs().max()), rel=RTOL32)
+    cols = torch.tensor([7, 2, 2, 0])
+    picked = torch.cat([chunk.index_select(1, cols) for _, chunk in rows.chunks()])
+    assert torch.equal(rows.gather_columns(cols), picked)  # the same operations as a whole chunk's, bit for bit
+    out = torch.zeros(103, 6)
+    rows.gather_columns(cols[:2], out=out[:, 3:5])
+    assert torch.equal(out[:, 3:5], picked[:, :2]) and not out[:, [0, 1, 2, 5]].any()
+    assert torch.equal(
+        rows.columns(cols).logits(theta[:, [0, 1, 2, 3, 9]]),
+        rows.columns(cols, picked).logits(theta[:, [0, 1, 2, 3, 9]]),
+    )
     mean, std = Rows(x, index=index, chunk_rows=chunk_rows, cache_bytes=cache_bytes).statistics()
     plain = x.double()[index]
     assert torch.allclose(mean, plain.mean(dim=0)) and torch.allclose(std, plain.std(dim=0, unbiased=False))
@@ -70,6 +83,33 @@ def test_chunked_products_match_the_whole_matrix(storage, chunk_rows, cache_byte
     chunks = [chunk.clone() for _, chunk in kept.chunks()]  # streamed chunks share a buffer: copies outlive it
     assert _close(torch.cat(chunks), _dense(x, None, shift, scale)[:, :-1])
     assert torch.equal(x, original)
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def test_streamed_statistics_hold_one_chunk_and_one_float64_block():
+    # A float64 sum of a whole float32 chunk converts all of it first: 8 bytes per value beside the chunk's 4,
+    # the largest allocation of a 400k x 2048 selection (issue 13). Measured by the kernel's peak-RSS mark,
+    # which only new memory raises (memory this process freed before is reused unseen, so never too high).
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs /proc/self/clear_refs")
+    x = torch.randn(16384, 2048).half()
+    rows = Rows(x, index=torch.arange(16384), chunk_rows=8192, cache_bytes=0)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pytest.skip("this kernel does not let the process reset its peak-RSS mark")
+    before = _status_bytes("VmRSS")
+    rows.statistics()
+    grown = _status_bytes("VmHWM") - before
+    chunk = 8192 * 2048 * 4
+    block = rows.temporary_rows * 2048
+    # The chunk in float32, one float64 block and one float16 gathered block, plus 16 MiB for everything else.
+    assert grown <= chunk + block * 8 + block * 2 + (16 << 20), f"{grown / 2**20:.0f} MiB"
 
 
 def test_a_bad_chunk_size_is_an_error():
@@ -116,6 +156,44 @@ def test_large_problems_never_form_the_n_by_classes_logits(problem, monkeypatch)
     assert bool(path.converged.all())
     with pytest.raises(AssertionError, match="formed the whole"):
         elastic_net_path(x[:, held.indices], y, n_lambdas=5)  # one chunk: held logits, as before
+
+
+def test_admitting_a_feature_reads_one_column_not_every_row(problem, monkeypatch):
+    # Streamed candidate rows are converted whole at every pass (at 400k x 2048, ~4 s and a chunk of memory
+    # each). The selection needs one pass per gradient of every column, to choose the next feature; admitting
+    # a feature and re-solving must add none, however many features enter.
+    x, y = problem
+    train = torch.arange(540)
+    mean, std = x[train].mean(dim=0), x[train].std(dim=0, unbiased=False)
+    convert, gradient = Rows._convert, Problem.gradient
+    passes = {"gradient": 0, "other": 0}
+    inside = []
+
+    def counted_convert(self, reuse):
+        if self.num_columns == x.shape[1]:
+            passes["gradient" if inside else "other"] += 1
+        return convert(self, reuse)
+
+    def counted_gradient(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return gradient(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(Rows, "_convert", counted_convert)
+    monkeypatch.setattr(Problem, "gradient", counted_gradient)
+    other = {}
+    for n_features in (2, 6):
+        passes.update(gradient=0, other=0)
+        streamed = Rows(x, index=train, shift=mean, scale=std, dtype=torch.float64, cache_bytes=0, chunk_rows=97)
+        result = fit_selection(streamed, y[train], 6, n_features, alpha=0.8, n_lambdas=20)
+        assert passes["gradient"] >= n_features
+        other[n_features] = passes["other"]
+        kept = Rows(x, index=train, shift=mean, scale=std, dtype=torch.float64, chunk_rows=97)
+        assert torch.equal(result.order, fit_selection(kept, y[train], 6, n_features, alpha=0.8, n_lambdas=20).order)
+    # A fixed few (the class sums, the largest entry): not the 31 of a power iteration over all F columns.
+    assert other[2] == other[6] <= 3
 
 
 def test_float16_features_give_the_selection_of_their_float32_values(problem):

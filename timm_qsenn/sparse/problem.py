@@ -44,7 +44,7 @@ _ROUNDING_MARGIN = 4.0
 _SCAN_ROWS = 1 << 14
 # A block of an n x C quantity (logits, probabilities, residuals) takes at most this many bytes; a product
 # forms a few such blocks at a time.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 # Solutions hold their n x C logits and probabilities while one such tensor takes at most this many bytes
 # (a solve then holds about six of them); above it they are formed block by block at every use.
 HELD_LOGITS_BYTES = 64 << 20
@@ -219,11 +219,12 @@ class Problem:
         fits = self.rows.n * self.num_classes * itemsize <= HELD_LOGITS_BYTES
         return fits and self.rows.n <= self.rows.chunk_rows
 
-    def columns(self, cols: Tensor) -> Problem:
-        """The same problem on the feature columns ``cols`` only."""
+    def columns(self, cols: Tensor, values: Tensor | None = None) -> Problem:
+        """The same problem on the feature columns ``cols`` only (their ``values`` if the caller holds them, see
+        :meth:`Rows.columns`)."""
         cols = cols.to(self.targets.device)
         keep = torch.cat([cols, cols.new_full((1,), self.rows.num_columns)])
-        return Problem(self.rows.columns(cols), self.y, self.targets[:, keep], self.x_absmax)
+        return Problem(self.rows.columns(cols, values), self.y, self.targets[:, keep], self.x_absmax)
 
     def restrict(self, active: Tensor) -> tuple[Problem, Tensor, Tensor]:
         """The problem on the ``active`` classes plus one frozen class merging the rest.

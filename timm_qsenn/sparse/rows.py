@@ -137,18 +137,34 @@ class Rows:
         """The chunks, each gathered, converted and standardised now; with ``reuse`` all into one buffer (the
         previous chunk is overwritten), otherwise each into memory of its own."""
         standardise = self.shift is not None or self.scale is not None
-        buffer = None
+        as_stored = self.X.dtype == self.dtype and self.X.device == self.device
+        buffer = staging = None
         for rows in self._starts():
-            chunk = self.X[rows] if self.index is None else self.X.index_select(0, self.index[rows])
-            if not standardise and chunk.dtype == self.dtype and chunk.device == self.device:
-                converted = chunk
-            elif reuse:
-                if buffer is None:
-                    buffer = torch.empty(self.chunk_rows, self.num_columns, dtype=self.dtype, device=self.device)
-                converted = buffer[: chunk.shape[0]].copy_(chunk)
-            else:
+            if not reuse:
+                chunk = self.X[rows] if self.index is None else self.X.index_select(0, self.index[rows])
                 # In place only on a copy: a plain view of X must stay untouched.
                 converted = chunk.to(device=self.device, dtype=self.dtype, copy=self.index is None)
+            elif self.index is None and as_stored and not standardise:
+                converted = self.X[rows]
+            else:
+                # One reused buffer: a fresh one per chunk costs its page faults at every pass, and interleaved
+                # with the small blocks of a product it fragments the heap, which then keeps growing.
+                if buffer is None:
+                    buffer = torch.empty(self.chunk_rows, self.num_columns, dtype=self.dtype, device=self.device)
+                converted = buffer[: rows.stop - rows.start]
+                if self.index is None:
+                    converted.copy_(self.X[rows])
+                elif as_stored:
+                    torch.index_select(self.X, 0, self.index[rows], out=converted)
+                else:
+                    # Gathered a block at a time: a gathered copy of the whole chunk would add another half
+                    # chunk (float16) to every pass.
+                    if staging is None:
+                        staging = self.X.new_empty(self.temporary_rows, self.num_columns)
+                    for start in range(rows.start, rows.stop, self.temporary_rows):
+                        part = self.index[start : min(start + self.temporary_rows, rows.stop)]
+                        gathered = torch.index_select(self.X, 0, part, out=staging[: part.numel()])
+                        converted[start - rows.start : start - rows.start + part.numel()].copy_(gathered)
             if standardise:
                 if self.shift is not None:
                     converted.sub_(self.shift)
@@ -156,14 +172,35 @@ class Rows:
                     converted.div_(self.scale)
             yield rows, converted
 
-    def columns(self, cols: Tensor) -> Rows:
-        """The same rows on the feature columns ``cols`` only, held in the solve dtype (a small matrix)."""
+    def gather_columns(self, cols: Tensor, out: Tensor | None = None) -> Tensor:
+        """The n x len(cols) values of the feature columns ``cols`` in the solve dtype, standardised, written into
+        ``out`` if given; only those columns are read and converted, never whole chunks."""
         cols = cols.to(self.device)
-        block = torch.empty(self.n, cols.numel(), dtype=self.dtype, device=self.device)
-        for rows, chunk in self.chunks():
-            block[rows] = chunk.index_select(1, cols)
+        if out is None:
+            out = torch.empty(self.n, cols.numel(), dtype=self.dtype, device=self.device)
+        if self._cache is not None:
+            for rows, chunk in zip(self._starts(), self._cache):
+                out[rows] = chunk.index_select(1, cols)
+            return out
+        stored = cols.to(self.X.device)
+        for rows in self._starts():
+            if self.index is None:
+                out[rows] = self.X[rows].index_select(1, stored)
+            else:
+                out[rows] = self.X[self.index[rows, None], stored]
+        # The same elementwise operations as a converted chunk's, so the values are bitwise the same.
+        if self.shift is not None:
+            out.sub_(self.shift[cols])
+        if self.scale is not None:
+            out.div_(self.scale[cols])
+        return out
+
+    def columns(self, cols: Tensor, values: Tensor | None = None) -> Rows:
+        """The same rows on the feature columns ``cols`` only, held in the solve dtype (a small matrix);
+        ``values`` are those columns' values (:meth:`gather_columns`) where the caller holds them already."""
+        values = self.gather_columns(cols) if values is None else values
         # A requested chunk size carries over; the default one is sized for the narrower block.
-        return Rows(block, dtype=self.dtype, chunk_rows=self.chunk_rows_requested, process_group=self.process_group)
+        return Rows(values, dtype=self.dtype, chunk_rows=self.chunk_rows_requested, process_group=self.process_group)
 
     # -- products with the parameters ------------------------------------------------------------------------
 
@@ -221,8 +258,7 @@ class Rows:
     def square_mean(self) -> Tensor:
         """Mean over all rows of the squared entries of ``[X | 1]``, per column."""
         sums = torch.zeros(self.num_columns + 1, dtype=self.dtype, device=self.device)
-        for _, block in self.chunks(self.temporary_rows):
-            sums[:-1] += block.square().sum(dim=0)
+        self._column_sums(lambda block: block.square().sum(dim=0), sums[:-1])
         sums[-1] = self.n
         return self.sum(sums) / self.n_total
 
@@ -236,12 +272,19 @@ class Rows:
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """Per-column mean and population (divide by N) std over all processes' rows, in float64, two passes."""
+        # A sum to float64 converts its whole input first, and the spread squares a float64 copy in place: each
+        # holds one float64 copy of a block at a time.
         total = torch.zeros(self.num_columns, dtype=torch.float64, device=self.device)
-        for _, chunk in self.chunks():
-            total += chunk.sum(dim=0, dtype=torch.float64)
-        mean = self.sum(total) / self.n_total
-        spread = torch.zeros_like(mean)
-        for _, block in self.chunks(self.temporary_rows):
-            # In place: one float64 copy of a block at a time.
-            spread += block.to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0)
+        mean = self.sum(self._column_sums(lambda block: block.sum(dim=0, dtype=torch.float64), total)) / self.n_total
+        spread = self._column_sums(
+            lambda block: block.to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0), torch.zeros_like(mean)
+        )
         return mean, (self.sum(spread) / self.n_total).sqrt()
+
+    def _column_sums(self, per_block: Callable[[Tensor], Tensor], total: Tensor) -> Tensor:
+        """``total`` plus ``per_block(block)`` summed over the local rows, read in blocks of
+        :attr:`temporary_rows` rows (in a function of its own, so that no block outlives the pass: a block is a
+        view of the pass's buffer, which would otherwise stay allocated beside the next pass's)."""
+        for _, block in self.chunks(self.temporary_rows):
+            total += per_block(block)
+        return total

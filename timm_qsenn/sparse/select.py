@@ -251,9 +251,12 @@ def fit_selection(
     abs_tol, _ = kkt_tolerance(full, null, tol, group=True)
     lams = lambda_grid(null.lambda_max, n_lambdas, eps).tolist()
 
+    # The selected columns' values, one column filled as each feature enters: every restricted problem is a view
+    # of it, so an admission reads one column of the candidate rows, not a full pass over all of them.
+    values = torch.empty(full.rows.n, n_features, dtype=full.rows.dtype, device=full.rows.device)
     # The restricted problems start with no feature column: theta holds the bias only.
-    state = full.columns(torch.zeros(0, dtype=torch.int64)).start(null.bias)
-    state.step = full.first_step()
+    sub = full.columns(torch.zeros(0, dtype=torch.int64), values[:, :0])
+    state = sub.start(null.bias)
     order: list[int] = []
     entry: list[float] = []
     total_iter = 0
@@ -266,7 +269,6 @@ def fit_selection(
     for lam in lams:
         while len(order) < n_features:
             if order:
-                sub = full.columns(torch.tensor(order, device=device))
                 state, n_iter, violation = solve_point(
                     sub, state, lam, alpha=alpha, group=True, tol=abs_tol, max_iter=max_iter
                 )
@@ -286,8 +288,14 @@ def fit_selection(
             best = int(norms.argmax())
             if float(norms[best]) <= lam * alpha + abs_tol:
                 break
+            full.rows.gather_columns(torch.tensor([best]), out=values[:, len(order) : len(order) + 1])
             order.append(best)
             entry.append(lam)
+            sub = full.columns(torch.tensor(order, device=device), values[:, : len(order)])
+            if len(order) == 1:
+                # Sized on the first restricted problem, not on all F columns (30 passes over every candidate
+                # row); the step search adapts it from there as columns enter.
+                state.step = sub.first_step()
             # The new column starts at zero (before the bias column), so held logits and probabilities stay valid.
             theta = state.theta
             theta = torch.cat([theta[:, :-1], theta.new_zeros(num_classes, 1), theta[:, -1:]], dim=1)
